@@ -1,0 +1,276 @@
+"""LLMEngine (add_request / step / abort / has_unfinished) and the offline `LLM` on top of it.
+
+The loop is nano-vllm's: schedule, run, postprocess. The engine owns the only mutable state
+(queues, cache, generators); the model and the sampler are pure functions of their inputs.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence as Seq
+
+import torch
+
+from leanlm.config import EngineConfig
+from leanlm.engine.detokenizer import IncrementalDetokenizer
+from leanlm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from leanlm.engine.runner import ModelRunner
+from leanlm.engine.sampling import Sampler, SamplingParams, SamplingState
+from leanlm.engine.scheduler import Scheduler
+from leanlm.engine.sequence import Sequence
+from leanlm.kv.cache import ContiguousKVCache
+from leanlm.models.registry import load_model, resolve_model
+from leanlm.models.tokenizer import Tokenizer
+from leanlm.quant.linear import default_method
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        dtype, device = config.torch_dtype, config.torch_device
+        self.model_path = resolve_model(config.model)
+        self.model, self.model_config = load_model(
+            self.model_path, dtype, device, method=lambda name: default_method(dtype, device))
+        self.tokenizer = Tokenizer.from_dir(self.model_path)
+        limit = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context of {limit}")
+        self.max_model_len = config.max_model_len or limit
+        mc = self.model_config
+        self.cache = ContiguousKVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype, device,
+                                       mc.sliding_window)
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache, device, compile=config.compile)
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.eos_token_ids = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+
+    # -- requests ------------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.model_config.vocab_size})")
+        else:
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty (0 tokens)")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but the model's context is "
+                             f"{self.max_model_len} tokens (prompt + output must fit)")
+        return text, ids
+
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        text, ids = self.tokenize_prompt(prompt)
+        max_len = self.max_model_len if params.max_tokens is None else min(
+            self.max_model_len, len(ids) + params.max_tokens)
+        seqs = []
+        for i in range(params.n):
+            # sample i of n is seeded with seed + i: distinct yet each reproducible
+            state = SamplingState.create(params, ids, self.generator, self.eos_token_ids, sample_index=i)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                           params.stop, params.include_stop_str_in_output,
+                                           params.min_tokens)
+            seqs.append(Sequence(request_id, i, ids, params, state, detok, max_len))
+        self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(time.time()))
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        now = time.time()
+        for seq, _ in batch:
+            m = self.requests[seq.request_id].metrics
+            m.first_scheduled_time = m.first_scheduled_time or now
+        seqs, logits = self.runner.execute(batch)
+        touched: dict[str, _Request] = {}
+        if seqs:
+            result = self.sampler.sample(logits, [s.state for s in seqs])
+            now = time.time()
+            for i, seq in enumerate(seqs):
+                self._append_token(seq, result.token_ids[i], result, i)
+                req = self.requests[seq.request_id]
+                req.metrics.first_token_time = req.metrics.first_token_time or now
+                touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            out = self._output(req)
+            if out.finished:
+                req.metrics.finished_time = time.time()
+                del self.requests[req.request_id]
+            outputs.append(out)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, result, row: int) -> None:
+        seq.token_ids.append(token)
+        seq.state.append(token)
+        if seq.logprobs is not None:
+            sampled = result.logprobs[row]
+            top = result.top_logprobs[row] or []
+            entry = {tid: Logprob(v, rank) for rank, (tid, v) in enumerate(top, start=1)}
+            entry.setdefault(token, Logprob(sampled))
+            for tid, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += sampled
+        p = seq.params
+        step = seq.detok.step(token)
+        seq.last_delta = step.delta
+        if step.stopped:
+            return self._finish(seq, "stop", step.stop_reason)
+        if not p.ignore_eos and token in self.eos_token_ids and seq.num_output_tokens >= p.min_tokens:
+            return self._finish(seq, "stop", None)
+        if p.stop_token_ids and token in p.stop_token_ids and seq.num_output_tokens >= p.min_tokens:
+            return self._finish(seq, "stop", token)
+        if len(seq.token_ids) >= seq.max_len:
+            return self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        if not seq.detok.finished:  # flush text held back for a possible stop string
+            tail = seq.detok.finish()
+            seq.last_delta += tail.delta
+            if tail.stopped:
+                reason, stop_reason = "stop", tail.stop_reason
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = [CompletionOutput(
+            index=s.index, text=s.text, token_ids=s.output_token_ids, finish_reason=s.finish_reason,
+            stop_reason=s.stop_reason, logprobs=s.logprobs,
+            cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None)
+            for s in req.seqs]
+        deltas = {s.index: s.last_delta for s in req.seqs}
+        for s in req.seqs:
+            s.last_delta = ""
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                             finished=all(s.is_finished for s in req.seqs), metrics=req.metrics,
+                             deltas=deltas)
+
+
+class LLM:
+    """Offline generation, vLLM style: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "cpu",
+                 seed: int = 0, **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(None, prompt, p))
+        except ValueError:
+            for rid in ids:  # nothing half-done: drop what was already queued
+                self.engine.abort(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield a RequestOutput each step for one request; `.deltas[0]` is the new text."""
+        rid = self.engine.add_request(None, prompt, sampling_params)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar:
+                            bar.update(1)
+        finally:
+            if bar:
+                bar.close()
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort(rid)
+        return [done[rid] for rid in ids]
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    return prompts
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; give one or one per prompt")
+    return params

@@ -1,0 +1,41 @@
+"""ModelRunner: turns a scheduled batch into flat tensors, runs the model once, and returns the
+logits of the sequences that need a new token (those whose whole context is now cached)."""
+from __future__ import annotations
+
+import torch
+
+from leanlm.engine.sequence import Sequence
+from leanlm.kv.cache import KVCache, SeqSlice
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache, device: torch.device, compile: bool = False):
+        self.model, self.cache, self.device = model, cache, device
+        self.forward = model.forward
+        if compile:
+            self.forward = torch.compile(model.forward, dynamic=True)
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slices: list[SeqSlice] = []
+        sample_rows: list[int] = []
+        to_sample: list[Sequence] = []
+        for seq, n in batch:
+            start = seq.num_cached
+            slices.append(SeqSlice(seq.row, start, n, len(ids)))
+            ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            seq.num_cached = start + n
+            if seq.num_cached == len(seq.token_ids):
+                sample_rows.append(len(ids) - 1)
+                to_sample.append(seq)
+        ctx = self.cache.prepare(slices)
+        hidden = self.forward(torch.tensor(ids, device=self.device),
+                              torch.tensor(positions, device=self.device), self.cache, ctx)
+        if not to_sample:
+            return [], hidden.new_empty(0)
+        if len(sample_rows) != hidden.shape[0]:
+            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+        return to_sample, self.model.compute_logits(hidden).float()

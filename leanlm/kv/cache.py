@@ -1,0 +1,160 @@
+"""The KV cache behind one small interface, so a paged or compressed cache can replace it.
+
+The model never touches cache tensors: each attention layer calls
+`cache.attend(layer, q, k, v, ctx)`, which stores the new k/v and attends over everything the
+sequence has cached. `ctx` is built once per step by `cache.prepare(...)`, so per-layer work is
+only the write and the attention kernel (no per-layer Python bookkeeping on the hot path).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a flattened batch: n new tokens at positions start..start+n-1."""
+    row: int        # cache slot of the sequence
+    start: int      # tokens already cached
+    n: int          # new tokens this step
+    q_offset: int   # index of its first token in the flattened batch
+
+
+@dataclass
+class AttentionContext:
+    seqs: list[SeqSlice]
+    decode_only: bool
+    # decode-only fast path: one token per sequence
+    rows: torch.Tensor | None = None
+    write_pos: torch.Tensor | None = None
+    row_range: tuple[int, int] | None = None  # rows form one contiguous range: attend over a view
+    kv_len: int = 0
+    mask: torch.Tensor | None = None          # [B, 1, 1, kv_len] bool, None when all are full
+
+
+class KVCache:
+    """Interface of a KV cache (a KVCodec-backed paged cache implements the same)."""
+
+    def allocate(self, max_len: int) -> int: ...
+    def free(self, row: int) -> None: ...
+    def prepare(self, seqs: list[SeqSlice]) -> AttentionContext: ...
+    def attend(self, layer: int, q, k, v, ctx: AttentionContext) -> torch.Tensor: ...
+    def bytes_per_token(self) -> int: ...
+
+
+class ContiguousKVCache(KVCache):
+    """One contiguous [rows, kv_heads, max_len, head_dim] buffer per layer for K and for V.
+
+    Decoding attends over views of the buffer (no gather copy at batch 1); rows and length grow
+    on demand by reallocating. Simple and fast for a handful of sequences; the paged cache of
+    the batching engine replaces it when memory must be shared finely."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, sliding_window: int | None = None):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device, self.window = dtype, torch.device(device), sliding_window
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows, self.max_len = 0, 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.free_rows: list[int] = []
+        self.row_len: dict[int, int] = {}
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _grow(self, rows: int, max_len: int) -> None:
+        shape = (rows, self.num_kv_heads, max_len, self.head_dim)
+
+        def grown(old: torch.Tensor | None) -> torch.Tensor:
+            new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if old is not None:
+                new[: old.shape[0], :, : old.shape[2]] = old
+            return new
+
+        had = len(self.k) == self.num_layers
+        self.k = [grown(self.k[i] if had else None) for i in range(self.num_layers)]
+        self.v = [grown(self.v[i] if had else None) for i in range(self.num_layers)]
+        self.free_rows.extend(range(self.rows, rows))
+        self.free_rows.sort(reverse=True)  # pop() hands out the lowest row: keeps rows contiguous
+        self.rows, self.max_len = rows, max_len
+
+    def allocate(self, max_len: int) -> int:
+        if not self.free_rows or max_len > self.max_len:
+            extra = 0 if self.free_rows else max(1, self.rows)  # double the rows when full
+            self._grow(self.rows + extra, max(max_len, self.max_len))
+        row = self.free_rows.pop()
+        self.row_len[row] = max_len
+        return row
+
+    def free(self, row: int) -> None:
+        del self.row_len[row]
+        self.free_rows.append(row)
+        self.free_rows.sort(reverse=True)
+
+    def prepare(self, seqs: list[SeqSlice]) -> AttentionContext:
+        decode_only = all(s.n == 1 for s in seqs)
+        ctx = AttentionContext(seqs=seqs, decode_only=decode_only)
+        if not decode_only:
+            return ctx
+        rows = [s.row for s in seqs]
+        lens = [s.start + 1 for s in seqs]
+        ctx.rows = torch.tensor(rows, device=self.device)
+        ctx.write_pos = torch.tensor([s.start for s in seqs], device=self.device)
+        ctx.kv_len = max(lens)
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            ctx.row_range = (rows[0], rows[0] + len(rows))
+        windowed = self.window is not None and ctx.kv_len > self.window
+        if min(lens) != ctx.kv_len or windowed:
+            j = torch.arange(ctx.kv_len, device=self.device)
+            last = torch.tensor(lens, device=self.device).unsqueeze(1) - 1
+            keep = j <= last
+            if windowed:
+                keep &= j > last - self.window
+            ctx.mask = keep[:, None, None, :]
+        return ctx
+
+    def attend(self, layer: int, q, k, v, ctx: AttentionContext) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] for the flattened batch -> [T, Hq, D]."""
+        kc, vc = self.k[layer], self.v[layer]
+        if ctx.decode_only:
+            kc[ctx.rows, :, ctx.write_pos] = k
+            vc[ctx.rows, :, ctx.write_pos] = v
+            if ctx.row_range is not None:
+                r0, r1 = ctx.row_range
+                keys, values = kc[r0:r1, :, : ctx.kv_len], vc[r0:r1, :, : ctx.kv_len]
+            else:
+                keys, values = kc[ctx.rows, :, : ctx.kv_len], vc[ctx.rows, :, : ctx.kv_len]
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=ctx.mask,
+                                                 enable_gqa=True)
+            return out.squeeze(2)
+        out = torch.empty_like(q)
+        for s in ctx.seqs:
+            end = s.start + s.n
+            sl = slice(s.q_offset, s.q_offset + s.n)
+            kc[s.row, :, s.start:end] = k[sl].transpose(0, 1)
+            vc[s.row, :, s.start:end] = v[sl].transpose(0, 1)
+            mask = self._prefill_mask(s)
+            o = F.scaled_dot_product_attention(
+                q[sl].transpose(0, 1), kc[s.row, :, :end], vc[s.row, :, :end],
+                attn_mask=mask, is_causal=mask is None and s.n > 1, enable_gqa=True)
+            out[sl] = o.transpose(0, 1)
+        return out
+
+    def _prefill_mask(self, s: SeqSlice) -> torch.Tensor | None:
+        end = s.start + s.n
+        if s.start == 0 and (self.window is None or end <= self.window):
+            return None  # plain causal: let SDPA use its causal kernel
+        i = torch.arange(s.start, end, device=self.device).unsqueeze(1)
+        j = torch.arange(end, device=self.device)
+        keep = j <= i
+        if self.window is not None:
+            keep &= j > i - self.window
+        return keep

@@ -1,0 +1,106 @@
+"""Building blocks of the decoder: Linear (with a pluggable QuantMethod), RMSNorm, rotary embedding."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.quant.linear import QuantMethod, UnquantizedMethod
+
+
+class Linear(nn.Module):
+    """y = x W^T + b, computed by `self.method`. `shard_sizes` marks a fused projection
+    (qkv, gate/up): the loader writes each original weight into its row range."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, method: QuantMethod | None = None,
+                 shard_sizes: dict[str, int] | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.method = method or UnquantizedMethod()
+        self.method.create_weights(self, in_features, out_features, bias, dtype)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        off = 0
+        for name, size in (shard_sizes or {}).items():
+            self.shard_offsets[name] = (off, size)
+            off += size
+        if shard_sizes and off != out_features:
+            raise ValueError(f"fused shards sum to {off}, expected {out_features}")
+
+    def load_shard(self, shard: str | None, param: str, tensor: torch.Tensor) -> None:
+        target = getattr(self, param)
+        if shard is not None:
+            start, size = self.shard_offsets[shard]
+            target = target.data.narrow(0, start, size)
+        if target.shape != tensor.shape:
+            raise ValueError(f"shape mismatch for {param}{'/' + shard if shard else ''}: "
+                             f"checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
+        target.data.copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference implementations, then cast back.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return (F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)) * self.weight
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies, float64, with linear or llama3 scaling applied as transformers does."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return inv
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = old_len / low, old_len / high
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {kind!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """Half-split (NeoX / HF Llama) rotary embedding with a precomputed cos/sin table."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
+                 dtype: torch.dtype):
+        super().__init__()
+        inv = rope_inv_freq(head_dim, theta, scaling).float()
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        # Tables in the compute dtype, as transformers casts cos/sin to the activations' dtype.
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.half = head_dim // 2
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated copies."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin, self.half), _rotate(k, cos, sin, self.half)
+
+
+def _rotate(x, cos, sin, half):
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,171 @@
+"""Llama / Mistral / Qwen2 / Qwen3 decoder in one implementation; families differ by flags.
+
+`forward(input_ids, positions, cache, ctx)` takes the flattened tokens of a mixed batch (prefill
+chunks and decode tokens together, as nano-vllm does), so prefill, decode and speculative
+verification are the same call. Logits are computed only for the rows the caller asks for.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.models.layers import Linear, RMSNorm, RotaryEmbedding
+from leanlm.models.model_config import ModelConfig
+from leanlm.quant.linear import QuantMethod, UnquantizedMethod
+
+MethodFactory = Callable[[str], QuantMethod]  # linear layer name -> its method
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, method: MethodFactory):
+        super().__init__()
+        p = f"layers.{layer}.self_attn"
+        self.layer, self.cfg = layer, cfg
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype,
+                               method(f"{p}.qkv_proj"),
+                               shard_sizes={"q": cfg.q_size, "k": cfg.kv_size, "v": cfg.kv_size})
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, cfg.o_bias, dtype, method(f"{p}.o_proj"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        self.splits = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+
+    def forward(self, x, positions, rope: RotaryEmbedding, cache, ctx):
+        T, c = x.shape[0], self.cfg
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        q = q.view(T, c.num_heads, c.head_dim)
+        k = k.view(T, c.num_kv_heads, c.head_dim)
+        v = v.view(T, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        out = cache.attend(self.layer, q, k, v, ctx)
+        return self.o_proj(out.reshape(T, c.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, method: MethodFactory):
+        super().__init__()
+        p, inter = f"layers.{layer}.mlp", cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype,
+                                   method(f"{p}.gate_up_proj"), shard_sizes={"gate": inter, "up": inter})
+        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, method(f"{p}.down_proj"))
+        self.inter = inter
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, method: MethodFactory):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, layer, dtype, method)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, layer, dtype, method)
+
+    def forward(self, x, positions, rope, cache, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# HF checkpoint name (inside a layer) -> (our module, fused shard or None)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
+    "mlp.gate_proj": ("mlp.gate_up_proj", "gate"),
+    "mlp.up_proj": ("mlp.gate_up_proj", "up"),
+}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                 method: MethodFactory | None = None):
+        super().__init__()
+        method = method or (lambda name: UnquantizedMethod())
+        self.cfg, self.dtype = cfg, dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, method) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, method("lm_head"))
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                    cfg.rope_scaling, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, ctx) -> torch.Tensor:
+        """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, cache, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # -- weights -------------------------------------------------------------------------------
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the (fused) parameters; every parameter must be filled."""
+        expected = {self._key(n) for n, _ in self.named_parameters()}
+        if self.cfg.tie_word_embeddings:
+            expected.discard(("lm_head", None, "weight"))
+        seen: set = set()
+        modules = dict(self.named_modules())
+        for name, tensor in tensors:
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue  # tied: the embedding already holds it
+            key = self._hf_key(name)
+            if key is None or modules.get(key[0]) is None:
+                raise ValueError(f"checkpoint tensor {name!r} does not belong to a "
+                                 f"{self.cfg.architecture} with this config (mismatched checkpoint?)")
+            mod, shard, param = key
+            module = modules[mod]
+            if isinstance(module, Linear):
+                module.load_shard(shard, param, tensor)
+            else:
+                target = getattr(module, param)
+                if target.shape != tensor.shape:
+                    raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                                     f"model {tuple(target.shape)}")
+                target.data.copy_(tensor)
+            seen.add(key)
+        # a fused parameter is complete only when all its shards arrived
+        have = {(m, None, p) for m, s, p in seen}
+        for m, _s, p in list(seen):
+            shards = modules[m].shard_offsets if isinstance(modules[m], Linear) else {}
+            if shards and not all((m, s, p) in seen for s in shards):
+                have.discard((m, None, p))
+        missing = sorted(f"{m}.{p}" for m, _s, p in expected if (m, None, p) not in have)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def process_after_loading(self) -> None:
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.method.process_after_loading(m)
+
+    @staticmethod
+    def _key(param_name: str):
+        mod, _, param = param_name.rpartition(".")
+        return (mod, None, param)
+
+    @staticmethod
+    def _hf_key(name: str):
+        if name.startswith("model."):
+            name = name[len("model."):]
+        mod, _, param = name.rpartition(".")
+        if mod.startswith("layers."):
+            idx, _, inner = mod[len("layers."):].partition(".")
+            if inner in _FUSED:
+                fused, shard = _FUSED[inner]
+                return (f"layers.{idx}.{fused}", shard, param)
+        return (mod, None, param)
