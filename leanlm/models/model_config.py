@@ -17,6 +17,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": {"qk_norm": True},
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclass
@@ -54,6 +56,8 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         archs = d.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and not archs:  # some exported configs carry only model_type
+            arch = _MODEL_TYPES.get(d.get("model_type"))
         if arch is None:
             raise ValueError(
                 f"unsupported architecture {archs or d.get('model_type')!r}; "
