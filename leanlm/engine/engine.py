@@ -223,6 +223,37 @@ class LLM:
         prompts = [self.tokenizer.encode_chat(c, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], chunk: int = 512) -> torch.Tensor:
+        """Log-probability of each token given those before it: float64 [len - 1].
+
+        The sequence is fed `chunk` tokens at a time and every chunk attends to the cache as it
+        is stored, so chunk=1 scores exactly what token-by-token decoding sees."""
+        eng = self.engine
+        if eng.has_unfinished():
+            raise RuntimeError("score() needs an idle engine")
+        if not 2 <= len(token_ids) <= eng.max_model_len:
+            raise ValueError(f"score() needs 2..{eng.max_model_len} tokens, got {len(token_ids)}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        from leanlm.kv.cache import SeqSlice
+
+        device = eng.config.torch_device
+        ids = torch.tensor(token_ids, device=device)
+        row = eng.cache.allocate(len(token_ids))
+        out = []
+        try:
+            for start in range(0, len(token_ids) - 1, chunk):
+                n = min(chunk, len(token_ids) - 1 - start)
+                ctx = eng.cache.prepare([SeqSlice(row, start, n, 0)])
+                hidden = eng.model(ids[start:start + n], torch.arange(start, start + n, device=device),
+                                   eng.cache, ctx)
+                logp = torch.log_softmax(eng.model.compute_logits(hidden).double(), dim=-1)
+                out.append(logp.gather(1, ids[start + 1:start + n + 1, None]).squeeze(1))
+        finally:
+            eng.cache.free(row)
+        return torch.cat(out).cpu()
+
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield a RequestOutput each step for one request; `.deltas[0]` is the new text."""
         rid = self.engine.add_request(None, prompt, sampling_params)

@@ -165,3 +165,17 @@ def test_bfloat16_engine_generates(tiny_model_dir):
     llm = LLM(str(tiny_model_dir("llama")), dtype="bfloat16")
     out = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 5 for o in out)
+
+
+def test_score_equals_transformers_log_softmax_for_any_chunk(llama_llm, tiny_model_dir):
+    import transformers as tf
+
+    seq = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+    ref = logp[:-1].gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1)
+    for chunk in (1, 7, 64):
+        got = llama_llm.score(seq, chunk=chunk)
+        assert got.shape == (39,) and torch.allclose(got, ref, atol=1e-4), chunk
+    assert not llama_llm.engine.cache.row_len  # the slot was returned
