@@ -3,4 +3,14 @@ from __future__ import annotations
 
 
 def register(sub, add_model_args) -> None:
-    pass
+    from leanlm.bench import latency, perplexity
+
+    p = sub.add_parser("eval", help="quality: perplexity (more evals to come)",
+                       description="Measure model quality on local evaluation data.")
+    evals = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    perplexity.add_parser(evals, add_model_args)
+
+    p = sub.add_parser("bench", help="speed: llama-bench style latency rows, peers side by side",
+                       description="Measure speed; compare with a peer engine in the same process.")
+    benches = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    latency.add_parser(benches, add_model_args)

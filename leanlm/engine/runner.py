@@ -13,6 +13,10 @@ class ModelRunner:
         self.model, self.cache, self.device = model, cache, device
         self.forward = model.forward
         if compile:
+            import torch._inductor.config as inductor_config
+
+            # Weights become constants that inductor prepacks (oneDNN / AMX GEMMs on CPU).
+            inductor_config.freezing = True
             self.forward = torch.compile(model.forward, dynamic=True)
 
     @torch.inference_mode()

@@ -90,17 +90,18 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         # Tables in the compute dtype, as transformers casts cos/sin to the activations' dtype.
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
-        self.half = head_dim // 2
+        sin = emb.sin()
+        sin[:, : head_dim // 2] *= -1
+        self.register_buffer("sin_signed", sin.to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q [T, Hq, D], k [T, Hkv, D] -> rotated copies."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin, self.half), _rotate(k, cos, sin, self.half)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] for the step, gathered once and shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
 
-
-def _rotate(x, cos, sin, half):
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    @staticmethod
+    def apply(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate x [T, H, D] (any number of heads: q and k can go through together)."""
+        cos, sin_signed = tables
+        half = x.shape[-1] // 2
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin): one cat, no negation
+        return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed

@@ -33,15 +33,18 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
         self.splits = [cfg.q_size, cfg.kv_size, cfg.kv_size]
 
-    def forward(self, x, positions, rope: RotaryEmbedding, cache, ctx):
+    def forward(self, x, rope_tables, cache, ctx):
         T, c = x.shape[0], self.cfg
-        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
-        q = q.view(T, c.num_heads, c.head_dim)
-        k = k.view(T, c.num_kv_heads, c.head_dim)
-        v = v.view(T, c.num_kv_heads, c.head_dim)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+            q, k, _ = qkv.split(self.splits, dim=-1)
+            qk = torch.cat((self.q_norm(q.view(T, c.num_heads, c.head_dim)),
+                            self.k_norm(k.view(T, c.num_kv_heads, c.head_dim))), dim=1)
+        else:  # q and k are adjacent in the fused output: rotate them as one tensor
+            qk = qkv[:, : c.q_size + c.kv_size].view(T, c.num_heads + c.num_kv_heads, c.head_dim)
+        qk = RotaryEmbedding.apply(qk, rope_tables)
+        q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
         out = cache.attend(self.layer, q, k, v, ctx)
         return self.o_proj(out.reshape(T, c.q_size))
 
@@ -68,8 +71,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, layer, dtype, method)
 
-    def forward(self, x, positions, rope, cache, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, ctx)
+    def forward(self, x, rope_tables, cache, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), rope_tables, cache, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,8 +106,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, ctx) -> torch.Tensor:
         """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
+        tables = self.rope.tables(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rope, cache, ctx)
+            x = layer(x, tables, cache, ctx)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
