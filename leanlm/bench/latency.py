@@ -18,7 +18,7 @@ import sys
 import torch
 
 from leanlm.bench.peers import PEERS, LeanlmTarget, make_peer
-from leanlm.bench.report import dtype_name, human_bytes, positive_int, print_table, write_json
+from leanlm.bench.report import dtype_name, human_bytes, positive_int, print_table, tps, write_json
 
 TG_PROMPT_LEN = 4
 
@@ -34,18 +34,18 @@ def prompt_ids(llm, length: int, seed: int) -> list[int]:
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every linear layer (its own parameters and buffers,
-    which include the LM head), each storage counted once; the embedding gather is left out, and a
+    which include the LM head), each tensor counted once; the embedding gather is left out, and a
     LM head tied to the embedding is counted once, as the LM head."""
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
     total = 0
     for m in model.modules():
         if not (hasattr(m, "in_features") and hasattr(m, "out_features")):
             continue
         for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
-            key = t.untyped_storage().data_ptr()
+            key = (t.data_ptr(), t.numel())
             if key not in seen:
                 seen.add(key)
-                total += t.untyped_storage().nbytes()
+                total += t.numel() * t.element_size()
     return total
 
 
@@ -124,10 +124,10 @@ def print_report(report: dict) -> None:
     rows = []
     for row in (pp, tg):
         s = summarize(report[f"{row}_runs"])
-        r = [row, f"{s['median']:.2f}", f"{s['min']:.2f}–{s['max']:.2f}"]
+        r = [row, tps(s["median"]), f"{tps(s['min'])}–{tps(s['max'])}"]
         if peer:
             ps = summarize(peer[f"{row}_runs"])
-            r += [f"{ps['median']:.2f}", f"{ps['min']:.2f}–{ps['max']:.2f}", f"{report[f'ratio_{row}']:.2f}x"]
+            r += [tps(ps["median"]), f"{tps(ps['min'])}–{tps(ps['max'])}", f"{report[f'ratio_{row}']:.2f}x"]
         rows.append(r)
     caption = (f"{report['model']} · {report['dtype']} · {report['device']} · {report['threads']} threads · "
                f"median of {report['repeats']} runs after 1 warm-up")

@@ -32,7 +32,15 @@ def print_table(title: str, columns: list[str], rows: list[list], caption: str |
         table.add_column(c, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*(str(x) for x in r))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file or pipe: no reason to squeeze columns into 80
+        console = Console(width=max(console.width, 120))
+    console.print(table)
+
+
+def tps(x: float) -> str:
+    """tokens/s with about four significant digits."""
+    return f"{x:.2f}" if x < 100 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
 
 
 def human_bytes(n: float) -> str:

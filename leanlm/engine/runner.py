@@ -5,19 +5,21 @@ from __future__ import annotations
 import torch
 
 from leanlm.engine.sequence import Sequence
-from leanlm.kv.cache import KVCache, SeqSlice
+from leanlm.kv.cache import KVCache, SeqSlice, StaticDecodeView
 
 
 class ModelRunner:
     def __init__(self, model, cache: KVCache, device: torch.device, compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
-        self.forward = model.forward
+        self.compiled_decode = None
         if compile:
             import torch._inductor.config as inductor_config
 
             # Weights become constants that inductor prepacks (oneDNN / AMX GEMMs on CPU).
             inductor_config.freezing = True
-            self.forward = torch.compile(model.forward, dynamic=True)
+            # Only decode steps are compiled: their shapes are static (see StaticDecodeView);
+            # prefill chunks vary in length and are matmul-bound anyway, so they stay eager.
+            self.compiled_decode = torch.compile(model.forward)  # a new shape recompiles once, as dynamic
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
@@ -35,9 +37,15 @@ class ModelRunner:
             if seq.num_cached == len(seq.token_ids):
                 sample_rows.append(len(ids) - 1)
                 to_sample.append(seq)
+        ids_t = torch.tensor(ids, device=self.device)
+        pos_t = torch.tensor(positions, device=self.device)
         ctx = self.cache.prepare(slices)
-        hidden = self.forward(torch.tensor(ids, device=self.device),
-                              torch.tensor(positions, device=self.device), self.cache, ctx)
+        if self.compiled_decode is not None and ctx.decode_only and ctx.row_range is not None \
+                and getattr(self.cache, "window", None) is None:
+            view = StaticDecodeView(self.cache, *ctx.row_range)
+            hidden = self.compiled_decode(ids_t, pos_t, view, pos_t)
+        else:
+            hidden = self.model(ids_t, pos_t, self.cache, ctx)
         if not to_sample:
             return [], hidden.new_empty(0)
         if len(sample_rows) != hidden.shape[0]:

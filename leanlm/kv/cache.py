@@ -89,7 +89,8 @@ class ContiguousKVCache(KVCache):
     def allocate(self, max_len: int) -> int:
         if not self.free_rows or max_len > self.max_len:
             extra = 0 if self.free_rows else max(1, self.rows)  # double the rows when full
-            self._grow(self.rows + extra, max(max_len, self.max_len))
+            # lengths grow in steps of 256 tokens: fewer regrowths (and recompiles when compiled)
+            self._grow(self.rows + extra, max(-(-max_len // 256) * 256, self.max_len))
         row = self.free_rows.pop()
         self.row_len[row] = max_len
         return row
@@ -158,3 +159,26 @@ class ContiguousKVCache(KVCache):
         if self.window is not None:
             keep &= j > i - self.window
         return keep
+
+
+class StaticDecodeView:
+    """A decode step of the rows r0..r1 of a ContiguousKVCache, seen as fixed-shape tensors.
+
+    Built for torch.compile: attention spans each row's whole allocated length under a mask
+    computed in the graph from `positions`, so nothing that changes per step (lengths, offsets)
+    becomes a Python value the compiled graph would be specialised on. The extra masked
+    positions cost little at decode (one query per row); the graph is reused every step."""
+
+    def __init__(self, cache: ContiguousKVCache, r0: int, r1: int):
+        self.k = [t[r0:r1] for t in cache.k]
+        self.v = [t[r0:r1] for t in cache.v]
+
+    def attend(self, layer: int, q, k, v, positions: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.k[layer], self.v[layer]
+        B, H, L, D = kc.shape
+        at = positions.view(B, 1, 1, 1).expand(B, H, 1, D)
+        kc.scatter_(2, at, k.unsqueeze(2))
+        vc.scatter_(2, at, v.unsqueeze(2))
+        mask = torch.arange(L, device=kc.device).view(1, 1, 1, L) <= positions.view(B, 1, 1, 1)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask, enable_gqa=True)
+        return out.squeeze(2)
