@@ -133,20 +133,23 @@ class ContiguousKVCache(KVCache):
                 keys, values = kc[r0:r1, :, : ctx.kv_len], vc[r0:r1, :, : ctx.kv_len]
             else:
                 keys, values = kc[ctx.rows, :, : ctx.kv_len], vc[ctx.rows, :, : ctx.kv_len]
-            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=ctx.mask,
-                                                 enable_gqa=True)
-            return out.squeeze(2)
+            return decode_attention(q, keys, values, ctx.mask)
         out = torch.empty_like(q)
+        group = q.shape[1] // self.num_kv_heads
         for s in ctx.seqs:
             end = s.start + s.n
             sl = slice(s.q_offset, s.q_offset + s.n)
             kc[s.row, :, s.start:end] = k[sl].transpose(0, 1)
             vc[s.row, :, s.start:end] = v[sl].transpose(0, 1)
             mask = self._prefill_mask(s)
+            # 4-D inputs with KV heads repeated: SDPA's fused CPU kernel (the 3-D / enable_gqa
+            # call falls back to the unfused math path, ~4x slower at 512 tokens).
+            keys = kc[s.row, :, :end].repeat_interleave(group, dim=0).unsqueeze(0)
+            values = vc[s.row, :, :end].repeat_interleave(group, dim=0).unsqueeze(0)
             o = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1), kc[s.row, :, :end], vc[s.row, :, :end],
-                attn_mask=mask, is_causal=mask is None and s.n > 1, enable_gqa=True)
-            out[sl] = o.transpose(0, 1)
+                q[sl].transpose(0, 1).unsqueeze(0), keys, values,
+                attn_mask=mask, is_causal=mask is None and s.n > 1)
+            out[sl] = o[0].transpose(0, 1)
         return out
 
     def _prefill_mask(self, s: SeqSlice) -> torch.Tensor | None:
@@ -159,6 +162,18 @@ class ContiguousKVCache(KVCache):
         if self.window is not None:
             keep &= j > i - self.window
         return keep
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D], keys/values [B, Hkv, L, D] -> [B, Hq, D].
+
+    The query heads sharing a KV head become that head's `group` query rows (HF's repeat_kv
+    order), so GQA is a plain attention with no KV repeat; a [B, 1, 1, L] mask broadcasts."""
+    B, Hq, D = q.shape
+    Hkv = keys.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, Hq // Hkv, D), keys, values, attn_mask=mask)
+    return out.reshape(B, Hq, D)
 
 
 class StaticDecodeView:
@@ -180,5 +195,4 @@ class StaticDecodeView:
         kc.scatter_(2, at, k.unsqueeze(2))
         vc.scatter_(2, at, v.unsqueeze(2))
         mask = torch.arange(L, device=kc.device).view(1, 1, 1, L) <= positions.view(B, 1, 1, 1)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask, enable_gqa=True)
-        return out.squeeze(2)
+        return decode_attention(q, kc, vc, mask)
