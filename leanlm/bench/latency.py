@@ -115,6 +115,19 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repeats: int = 5
     return report
 
 
+NOISY_SPREAD = 0.25  # (max - min) / median above which a row is flagged
+
+
+def _spread(runs: list[float]) -> float:
+    return (max(runs) - min(runs)) / statistics.median(runs)
+
+
+def _all_runs(report: dict):
+    yield "leanlm", report
+    if report.get("peer"):
+        yield report["peer"]["name"], report["peer"]
+
+
 def print_report(report: dict) -> None:
     pp, tg = f"pp{report['prompt_len']}", f"tg{report['gen_len']}"
     peer = report.get("peer")
@@ -132,6 +145,11 @@ def print_report(report: dict) -> None:
     caption = (f"{report['model']} · {report['dtype']} · {report['device']} · {report['threads']} threads · "
                f"median of {report['repeats']} runs after 1 warm-up")
     print_table("leanlm bench latency (batch 1)", cols, rows, caption)
+    noisy = [f"{name} {row}" for name, runs in _all_runs(report) for row in (pp, tg)
+             if _spread(runs[f"{row}_runs"]) > NOISY_SPREAD]
+    if noisy:
+        print(f"warning: runs of {', '.join(noisy)} differ by more than {NOISY_SPREAD:.0%} of their median: "
+              f"the machine was busy (other processes?); compare only quiet runs", file=sys.stderr)
     print(f"{tg} weight-read bandwidth: {report['bandwidth_gbs']:.1f} GB/s "
           f"({human_bytes(report['weight_bytes'])} of linear + LM-head weights per token "
           f"x {report[f'{tg}_tps']:.2f} tok/s)")
@@ -168,7 +186,7 @@ def cmd_latency(args) -> int:
         torch.set_num_threads(args.threads)
     llm = load_llm(args)
     report = run_latency(llm, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
-                         vs=args.vs, model=model_name(args.model, llm), threads=torch.get_num_threads())
+                         vs=args.vs, model=model_name(args.model), threads=torch.get_num_threads())
     print_report(report)
     if args.json:
         write_json(args.json, report)

@@ -98,7 +98,8 @@ def perplexity(llm, token_ids: list[int], ctx: int = 2048, chunk: int | None = N
                             dtype=dtype_name(llm.engine.config.torch_dtype))
 
 
-def model_name(args_model: str | None, llm) -> str:
+def model_name(args_model: str | None) -> str:
+    """How reports name the model: as the user gave it, or the embedded alias."""
     if args_model:
         return str(args_model)
     from leanlm.models.embedded import EMBEDDED_ALIAS
@@ -142,7 +143,7 @@ def cmd_ppl(args) -> int:
           f"(tokenized in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     res = perplexity(llm, ids, ctx=args.ctx, chunk=args.chunk, limit=args.limit,
                      progress=not args.no_progress)
-    res.model = model_name(args.model, llm)
+    res.model = model_name(args.model)
     print_table(f"perplexity: {path.name}", ["model", "dtype", "ctx", "windows", "tokens", "ppl", "seconds"],
                 [[res.model, res.dtype, res.ctx, res.windows, res.tokens, f"{res.ppl:.4f}", f"{res.seconds:.1f}"]])
     if args.json:

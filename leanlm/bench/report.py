@@ -51,13 +51,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
-def human_count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return str(int(n))
-
-
 def positive_int(value: str) -> int:
     """argparse type: an integer >= 1, with a message that names the bad value."""
     import argparse

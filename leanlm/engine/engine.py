@@ -22,7 +22,7 @@ from leanlm.engine.sequence import Sequence
 from leanlm.kv.cache import ContiguousKVCache
 from leanlm.models.registry import load_model, resolve_model
 from leanlm.models.tokenizer import Tokenizer
-from leanlm.quant.linear import UnquantizedMethod, default_method
+from leanlm.quant.linear import default_method
 
 
 @dataclass
@@ -39,11 +39,8 @@ class LLMEngine:
         self.config = config
         dtype, device = config.torch_dtype, config.torch_device
         self.model_path = resolve_model(config.model)
-        # Compiled: plain F.linear, which inductor's freezing pass prepacks itself (it cannot
-        # lower our own prepacked oneDNN op). Eager: prepacked oneDNN where it pays.
-        method = (lambda name: UnquantizedMethod()) if config.compile else (
-            lambda name: default_method(dtype, device))
-        self.model, self.model_config = load_model(self.model_path, dtype, device, method=method)
+        self.model, self.model_config = load_model(
+            self.model_path, dtype, device, method=lambda name: default_method(dtype, device))
         self.tokenizer = Tokenizer.from_dir(self.model_path)
         limit = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:

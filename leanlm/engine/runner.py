@@ -17,6 +17,9 @@ class ModelRunner:
 
             # Weights become constants that inductor prepacks (oneDNN / AMX GEMMs on CPU).
             inductor_config.freezing = True
+            # GEMM autotuning picks the AMX / oneDNN kernels for the frozen weights: the
+            # measured difference at batch-1 decode (see docs/BENCHMARKS.md), for a longer compile.
+            inductor_config.max_autotune = True
             # Only decode steps are compiled: their shapes are static (see StaticDecodeView);
             # prefill chunks vary in length and are matmul-bound anyway, so they stay eager.
             self.compiled_decode = torch.compile(model.forward)  # a new shape recompiles once, as dynamic

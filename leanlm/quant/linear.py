@@ -46,6 +46,9 @@ class OneDNNPrepackedMethod(QuantMethod):
         layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.data, 1)
 
     def apply(self, layer, x):
+        if torch.compiler.is_compiling():
+            # Inductor cannot lower the prepacked op; with freezing it prepacks F.linear itself.
+            return F.linear(x, layer.weight, layer.bias)
         shape = x.shape
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), layer.packed_weight,
                                                layer.bias, "none", [], "")
