@@ -90,3 +90,15 @@ def test_bad_values_are_clear_errors(llm, tiny_model_dir, capsys):
         run_latency(llm, prompt_len=256, gen_len=2, repeats=1)
     assert main(["bench", "latency", "--model", model, "--prompt-len", "300"]) == 2
     assert "prompt_len=300" in capsys.readouterr().err
+
+
+def test_noisy_runs_are_flagged(capsys):
+    from leanlm.bench.latency import print_report
+
+    base = {"prompt_len": 4, "gen_len": 2, "model": "m", "dtype": "float32", "device": "cpu", "threads": 1,
+            "repeats": 3, "weight_bytes": 1000, "bandwidth_gbs": 1e-5, "pp4_runs": [10.0, 10.5, 11.0],
+            "tg2_runs": [5.0, 5.1, 5.2], "tg2_tps": 5.1}
+    print_report(base)
+    assert "warning" not in capsys.readouterr().err
+    print_report({**base, "tg2_runs": [5.0, 1.0, 5.2]})
+    assert "leanlm tg2" in capsys.readouterr().err
