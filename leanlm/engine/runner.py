@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from leanlm.engine.sequence import Sequence
-from leanlm.kv.cache import KVCache, SeqSlice, StaticDecodeView
+from leanlm.kv.cache import KVCache, SeqSlice
 
 
 class ModelRunner:
@@ -43,9 +43,8 @@ class ModelRunner:
         ids_t = torch.tensor(ids, device=self.device)
         pos_t = torch.tensor(positions, device=self.device)
         ctx = self.cache.prepare(slices)
-        if self.compiled_decode is not None and ctx.decode_only and ctx.row_range is not None \
-                and getattr(self.cache, "window", None) is None:
-            view = StaticDecodeView(self.cache, *ctx.row_range)
+        view = self.cache.static_decode_view(ctx) if self.compiled_decode is not None else None
+        if view is not None:
             hidden = self.compiled_decode(ids_t, pos_t, view, pos_t)
         else:
             hidden = self.model(ids_t, pos_t, self.cache, ctx)

@@ -43,6 +43,10 @@ class KVCache:
     def attend(self, layer: int, q, k, v, ctx: AttentionContext) -> torch.Tensor: ...
     def bytes_per_token(self) -> int: ...
 
+    def static_decode_view(self, ctx: AttentionContext):
+        """A fixed-shape view for compiled decode steps; None: run this step eagerly."""
+        return None
+
 
 class ContiguousKVCache(KVCache):
     """One contiguous [rows, kv_heads, max_len, head_dim] buffer per layer for K and for V.
@@ -63,6 +67,7 @@ class ContiguousKVCache(KVCache):
         self.v: list[torch.Tensor] = []
         self.free_rows: list[int] = []
         self.row_len: dict[int, int] = {}
+        self._static_views: dict[tuple[int, int], StaticDecodeView] = {}
 
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
@@ -82,6 +87,7 @@ class ContiguousKVCache(KVCache):
         had = len(self.k) == self.num_layers
         self.k = [grown(self.k[i] if had else None) for i in range(self.num_layers)]
         self.v = [grown(self.v[i] if had else None) for i in range(self.num_layers)]
+        self._static_views.clear()  # they viewed the old buffers
         self.free_rows.extend(range(self.rows, rows))
         self.free_rows.sort(reverse=True)  # pop() hands out the lowest row: keeps rows contiguous
         self.rows, self.max_len = rows, max_len
@@ -151,6 +157,16 @@ class ContiguousKVCache(KVCache):
                 attn_mask=mask, is_causal=mask is None and s.n > 1)
             out[sl] = o[0].transpose(0, 1)
         return out
+
+    def static_decode_view(self, ctx: AttentionContext) -> "StaticDecodeView | None":
+        """The fixed-shape view for a compiled decode step, or None when this step cannot use
+        one (prefill in the batch, rows not contiguous, or a sliding window to apply)."""
+        if not ctx.decode_only or ctx.row_range is None or self.window is not None:
+            return None
+        view = self._static_views.get(ctx.row_range)
+        if view is None:  # views stay valid until the buffers are reallocated
+            view = self._static_views[ctx.row_range] = StaticDecodeView(self, *ctx.row_range)
+        return view
 
     def _prefill_mask(self, s: SeqSlice) -> torch.Tensor | None:
         end = s.start + s.n
