@@ -14,7 +14,7 @@ import torch
 
 from leanlm.config import EngineConfig
 from leanlm.engine.detokenizer import IncrementalDetokenizer
-from leanlm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from leanlm.engine.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from leanlm.engine.runner import ModelRunner
 from leanlm.engine.sampling import Sampler, SamplingParams, SamplingState
 from leanlm.engine.scheduler import Scheduler
@@ -114,6 +114,9 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -44,3 +44,16 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # streaming: the text each output gained in this step, by output index
     deltas: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load, for /metrics and benchmarks."""
+    num_running: int            # sequences in the running batch
+    num_waiting: int            # sequences queued (new or preempted)
+    kv_blocks_used: int         # KV blocks referenced by a sequence
+    kv_blocks_free: int         # blocks allocatable now (never used, freed, or evictable cached)
+    kv_block_size: int          # tokens per block
+    prefix_cache_queries: int   # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int      # of those, tokens found cached (cumulative)
+    num_preemptions: int        # sequences preempted for recomputation (cumulative)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from leanlm.engine.outputs import EngineStats
 from leanlm.engine.sequence import Sequence, SequenceStatus
 from leanlm.kv.cache import KVCache
 
@@ -42,6 +43,11 @@ class Scheduler:
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.running), num_waiting=len(self.waiting),
+                           kv_blocks_used=0, kv_blocks_free=0, kv_block_size=0,
+                           prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0)
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.RUNNING:
