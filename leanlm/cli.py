@@ -15,6 +15,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass (faster decode, slow first call)")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="KV cache budget: a size (2GiB, 512MiB) or a fraction of free memory (0.3); "
+                        "default: min(4GiB, 40%% of available memory)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -40,7 +43,8 @@ def load_llm(args):
 
     t0 = time.perf_counter()
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-              compile=getattr(args, "compile", False))
+              compile=getattr(args, "compile", False),
+              kv_cache_memory=getattr(args, "kv_cache_memory", None))
     print(f"[leanlm] loaded {llm.engine.model_path} ({llm.engine.config.torch_dtype}, "
           f"{llm.engine.config.torch_device}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm

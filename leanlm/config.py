@@ -37,6 +37,31 @@ def parse_device(value: str | torch.device) -> torch.device:
     return device
 
 
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 1e12, "tb": 1e12}
+
+
+def parse_memory(value: str | int | float | None) -> int | float | None:
+    """'2GiB', '512MiB', '1.5GB', 2147483648 -> bytes (int); '0.4' or 0.4 -> a fraction (float) of
+    the memory available when the cache is built; None -> the default budget."""
+    if value is None:
+        return None
+    import re
+
+    text = str(value).strip().lower()
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", text)
+    if m is None or m.group(2) not in _UNITS:
+        raise ValueError(f"kv cache memory {value!r} is not understood; give a size like 2GiB, 512MiB, "
+                         f"1.5GB or a number of bytes, or a fraction of available memory in (0, 1)")
+    number = float(m.group(1))
+    if m.group(2) == "" and 0 < number < 1:
+        return number
+    size = int(number * _UNITS[m.group(2)])
+    if size <= 0:
+        raise ValueError(f"kv cache memory must be positive, got {value!r}")
+    return size
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None
@@ -47,11 +72,15 @@ class EngineConfig:
     max_num_seqs: int = 64                 # sequences decoded together
     max_num_batched_tokens: int = 2048     # tokens per step (prefill chunks + decodes)
     compile: bool = False                  # torch.compile the forward (slow first call)
+    kv_cache_memory: str | int | float | None = None  # '2GiB', bytes, or a fraction of free memory
+    block_size: int = 16                   # tokens per KV block
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         self.torch_dtype = parse_dtype(self.dtype)
         self.torch_device = parse_device(self.device)
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
