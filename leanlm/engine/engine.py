@@ -6,6 +6,7 @@ The loop is nano-vllm's: schedule, run, postprocess. The engine owns the only mu
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence as Seq
@@ -20,9 +21,14 @@ from leanlm.engine.sampling import Sampler, SamplingParams, SamplingState
 from leanlm.engine.scheduler import Scheduler
 from leanlm.engine.sequence import Sequence
 from leanlm.kv.cache import ContiguousKVCache
+from leanlm.kv.codecs import PlainCodec
+from leanlm.kv.paged import PagedKVCache, kv_budget_bytes
 from leanlm.models.registry import load_model, resolve_model
 from leanlm.models.tokenizer import Tokenizer
 from leanlm.quant.linear import default_method
+
+
+log = logging.getLogger("leanlm")
 
 
 @dataclass
@@ -46,18 +52,44 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context of {limit}")
         self.max_model_len = config.max_model_len or limit
-        mc = self.model_config
-        self.cache = ContiguousKVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype, device,
-                                       mc.sliding_window)
-        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.cache = self._build_cache()
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens,
+                                   share_prompts=config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.cache, device, compile=config.compile)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.eos_token_ids = set(mc.eos_token_ids)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+
+    def _build_cache(self):
+        """The paged cache sized from the memory budget; with compile=True the contiguous cache,
+        whose fixed-shape decode view is what a compiled graph needs (single-stream latency)."""
+        cfg, mc = self.config, self.model_config
+        dtype, device = cfg.torch_dtype, cfg.torch_device
+        if cfg.compile:
+            return ContiguousKVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype, device,
+                                     mc.sliding_window)
+        bs = cfg.block_size
+        bytes_per_token = PlainCodec.bytes_per_token_for(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
+        budget = kv_budget_bytes(cfg.kv_cache_bytes, device)
+        # never more than every seat filled to the context (tiny models get tiny pools)
+        needed = cfg.max_num_seqs * (-(-self.max_model_len // bs) + 1)
+        num_blocks = min(budget // (bs * bytes_per_token), needed)
+        capacity = num_blocks * bs
+        if capacity < self.max_model_len:
+            if cfg.max_model_len is not None or capacity < 2 * bs:
+                raise ValueError(
+                    f"the KV cache budget ({budget / 2**20:.1f} MiB, {num_blocks} blocks of {bs} tokens at "
+                    f"{bytes_per_token} bytes/token) holds {capacity} tokens, less than max_model_len="
+                    f"{self.max_model_len}; raise kv_cache_memory or lower max_model_len")
+            log.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
+            self.max_model_len = capacity
+        codec = PlainCodec(mc.num_layers, num_blocks * bs, bs, mc.num_kv_heads, mc.head_dim, dtype, device)
+        return PagedKVCache(codec, num_blocks, bs, device, mc.num_kv_heads, mc.sliding_window,
+                            cfg.enable_prefix_caching, salt=str(self.model_path))
 
     # -- requests ------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -98,6 +130,7 @@ class LLMEngine:
                                            params.stop, params.include_stop_str_in_output,
                                            params.min_tokens)
             seqs.append(Sequence(request_id, i, ids, params, state, detok, max_len))
+            seqs[-1].first_sibling = seqs[0] if i > 0 else None
         self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(time.time()))
         for seq in seqs:
             self.scheduler.add(seq)
@@ -128,6 +161,7 @@ class LLMEngine:
             m = self.requests[seq.request_id].metrics
             m.first_scheduled_time = m.first_scheduled_time or now
         seqs, logits = self.runner.execute(batch)
+        self.scheduler.computed(batch)
         touched: dict[str, _Request] = {}
         if seqs:
             result = self.sampler.sample(logits, [s.state for s in seqs])
@@ -243,18 +277,20 @@ class LLM:
 
         device = eng.config.torch_device
         ids = torch.tensor(token_ids, device=device)
-        row = eng.cache.allocate(len(token_ids))
+        handle, _ = eng.cache.admit([], len(token_ids))  # fresh room: every position is computed
         out = []
         try:
+            if not eng.cache.reserve(handle, len(token_ids)):
+                raise RuntimeError(f"the KV cache cannot hold {len(token_ids)} tokens")
             for start in range(0, len(token_ids) - 1, chunk):
                 n = min(chunk, len(token_ids) - 1 - start)
-                ctx = eng.cache.prepare([SeqSlice(row, start, n, 0)])
+                ctx = eng.cache.prepare([SeqSlice(handle, start, n, 0)])
                 hidden = eng.model(ids[start:start + n], torch.arange(start, start + n, device=device),
                                    eng.cache, ctx)
                 logp = torch.log_softmax(eng.model.compute_logits(hidden).double(), dim=-1)
                 out.append(logp.gather(1, ids[start + 1:start + n + 1, None]).squeeze(1))
         finally:
-            eng.cache.free(row)
+            eng.cache.release(handle)
         return torch.cat(out).cpu()
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:

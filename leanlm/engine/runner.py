@@ -33,7 +33,7 @@ class ModelRunner:
         to_sample: list[Sequence] = []
         for seq, n in batch:
             start = seq.num_cached
-            slices.append(SeqSlice(seq.row, start, n, len(ids)))
+            slices.append(SeqSlice(seq.kv, start, n, len(ids)))
             ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
             seq.num_cached = start + n

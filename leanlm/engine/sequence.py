@@ -25,7 +25,8 @@ class Sequence:
         self.max_len = max_len                       # prompt + max output tokens, within the context
         self.status = SequenceStatus.WAITING
         self.num_cached = 0                          # tokens whose K/V are in the cache
-        self.row: int | None = None                  # cache slot while running
+        self.kv = None                               # the cache's handle while running
+        self.first_sibling: Sequence | None = None   # sample 0 of the same request (n > 1)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 @dataclass
 class SeqSlice:
     """One sequence's part of a flattened batch: n new tokens at positions start..start+n-1."""
-    row: int        # cache slot of the sequence
+    kv: object      # the sequence's handle in the cache: a row (contiguous) or a BlockTable (paged)
     start: int      # tokens already cached
     n: int          # new tokens this step
     q_offset: int   # index of its first token in the flattened batch
@@ -35,10 +35,34 @@ class AttentionContext:
 
 
 class KVCache:
-    """Interface of a KV cache (a KVCodec-backed paged cache implements the same)."""
+    """Interface of a KV cache: the scheduler manages sequences' room through admit / reserve /
+    commit / release; the runner builds one context per step with prepare; attention layers call
+    attend. ContiguousKVCache and the paged cache (kv/paged.py) implement it."""
 
-    def allocate(self, max_len: int) -> int: ...
-    def free(self, row: int) -> None: ...
+    def admit(self, token_ids: list[int], max_len: int) -> tuple[object, int]:
+        """A handle for a new (or preempted, resumed) sequence, and how many of its leading tokens
+        are already cached (prefix caching); raises nothing, reserves nothing beyond them."""
+        raise NotImplementedError
+
+    def reserve(self, handle, num_tokens: int) -> bool:
+        """Make room for the first num_tokens tokens of the sequence; False (nothing taken) when
+        the cache is full."""
+        raise NotImplementedError
+
+    def commit(self, handle, token_ids: list[int], num_computed: int) -> None:
+        """The first num_computed tokens now have their K/V stored (lets a paged cache share them)."""
+
+    def release(self, handle) -> None:
+        raise NotImplementedError
+
+    def usage(self) -> tuple[int, int, int]:
+        """(blocks in use, blocks free, tokens per block); a cache without blocks reports zeros."""
+        return 0, 0, 0
+
+    def prefix_stats(self) -> tuple[int, int]:
+        """(prompt tokens looked up, tokens found) in the prefix cache, cumulative."""
+        return 0, 0
+
     def prepare(self, seqs: list[SeqSlice]) -> AttentionContext: ...
     def attend(self, layer: int, q, k, v, ctx: AttentionContext) -> torch.Tensor: ...
     def bytes_per_token(self) -> int: ...
@@ -92,6 +116,15 @@ class ContiguousKVCache(KVCache):
         self.free_rows.sort(reverse=True)  # pop() hands out the lowest row: keeps rows contiguous
         self.rows, self.max_len = rows, max_len
 
+    def admit(self, token_ids: list[int], max_len: int) -> tuple[int, int]:
+        return self.allocate(max_len), 0
+
+    def reserve(self, handle: int, num_tokens: int) -> bool:
+        return True  # the row was sized for max_len at admission
+
+    def release(self, handle: int) -> None:
+        self.free(handle)
+
     def allocate(self, max_len: int) -> int:
         if not self.free_rows or max_len > self.max_len:
             extra = 0 if self.free_rows else max(1, self.rows)  # double the rows when full
@@ -111,21 +144,14 @@ class ContiguousKVCache(KVCache):
         ctx = AttentionContext(seqs=seqs, decode_only=decode_only)
         if not decode_only:
             return ctx
-        rows = [s.row for s in seqs]
+        rows = [s.kv for s in seqs]
         lens = [s.start + 1 for s in seqs]
         ctx.rows = torch.tensor(rows, device=self.device)
         ctx.write_pos = torch.tensor([s.start for s in seqs], device=self.device)
         ctx.kv_len = max(lens)
         if rows == list(range(rows[0], rows[0] + len(rows))):
             ctx.row_range = (rows[0], rows[0] + len(rows))
-        windowed = self.window is not None and ctx.kv_len > self.window
-        if min(lens) != ctx.kv_len or windowed:
-            j = torch.arange(ctx.kv_len, device=self.device)
-            last = torch.tensor(lens, device=self.device).unsqueeze(1) - 1
-            keep = j <= last
-            if windowed:
-                keep &= j > last - self.window
-            ctx.mask = keep[:, None, None, :]
+        ctx.mask = decode_mask(lens, self.window, self.device)
         return ctx
 
     def attend(self, layer: int, q, k, v, ctx: AttentionContext) -> torch.Tensor:
@@ -145,13 +171,13 @@ class ContiguousKVCache(KVCache):
         for s in ctx.seqs:
             end = s.start + s.n
             sl = slice(s.q_offset, s.q_offset + s.n)
-            kc[s.row, :, s.start:end] = k[sl].transpose(0, 1)
-            vc[s.row, :, s.start:end] = v[sl].transpose(0, 1)
-            mask = self._prefill_mask(s)
+            kc[s.kv, :, s.start:end] = k[sl].transpose(0, 1)
+            vc[s.kv, :, s.start:end] = v[sl].transpose(0, 1)
+            mask = prefill_mask(s.start, s.n, self.window, self.device)
             # 4-D inputs with KV heads repeated: SDPA's fused CPU kernel (the 3-D / enable_gqa
             # call falls back to the unfused math path, ~4x slower at 512 tokens).
-            keys = kc[s.row, :, :end].repeat_interleave(group, dim=0).unsqueeze(0)
-            values = vc[s.row, :, :end].repeat_interleave(group, dim=0).unsqueeze(0)
+            keys = kc[s.kv, :, :end].repeat_interleave(group, dim=0).unsqueeze(0)
+            values = vc[s.kv, :, :end].repeat_interleave(group, dim=0).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 q[sl].transpose(0, 1).unsqueeze(0), keys, values,
                 attn_mask=mask, is_causal=mask is None and s.n > 1)
@@ -168,16 +194,35 @@ class ContiguousKVCache(KVCache):
             view = self._static_views[ctx.row_range] = StaticDecodeView(self, *ctx.row_range)
         return view
 
-    def _prefill_mask(self, s: SeqSlice) -> torch.Tensor | None:
-        end = s.start + s.n
-        if s.start == 0 and (self.window is None or end <= self.window):
-            return None  # plain causal: let SDPA use its causal kernel
-        i = torch.arange(s.start, end, device=self.device).unsqueeze(1)
-        j = torch.arange(end, device=self.device)
-        keep = j <= i
-        if self.window is not None:
-            keep &= j > i - self.window
-        return keep
+
+
+def decode_mask(lens: list[int], window: int | None, device) -> torch.Tensor | None:
+    """[B, 1, 1, max(lens)] bool mask of the cached positions each decoding row may see; None when
+    every row sees all max(lens) positions."""
+    kv_len = max(lens)
+    windowed = window is not None and kv_len > window
+    if min(lens) == kv_len and not windowed:
+        return None
+    j = torch.arange(kv_len, device=device)
+    last = torch.tensor(lens, device=device).unsqueeze(1) - 1
+    keep = j <= last
+    if windowed:
+        keep &= j > last - window
+    return keep[:, None, None, :]
+
+
+def prefill_mask(start: int, n: int, window: int | None, device) -> torch.Tensor | None:
+    """[n, start + n] bool mask for n new tokens after `start` cached ones; None for plain causal
+    attention from position 0 (SDPA then uses its causal kernel)."""
+    end = start + n
+    if start == 0 and (window is None or end <= window):
+        return None
+    i = torch.arange(start, end, device=device).unsqueeze(1)
+    j = torch.arange(end, device=device)
+    keep = j <= i
+    if window is not None:
+        keep &= j > i - window
+    return keep
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

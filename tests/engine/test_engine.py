@@ -178,4 +178,4 @@ def test_score_equals_transformers_log_softmax_for_any_chunk(llama_llm, tiny_mod
     for chunk in (1, 7, 64):
         got = llama_llm.score(seq, chunk=chunk)
         assert got.shape == (39,) and torch.allclose(got, ref, atol=1e-4), chunk
-    assert not llama_llm.engine.cache.row_len  # the slot was returned
+    assert llama_llm.engine.stats().kv_blocks_used == 0  # the blocks were returned

@@ -34,7 +34,7 @@ def test_logits_match_transformers_prefill_and_decode(arch, tiny_model_dir):
     # prefill: all prompts flattened into one batch
     seqs, off = [], 0
     for r, n in zip(rows, lengths):
-        seqs.append(SeqSlice(row=r, start=0, n=n, q_offset=off))
+        seqs.append(SeqSlice(kv=r, start=0, n=n, q_offset=off))
         off += n
     ids = torch.tensor([t for seq, n in zip(full, lengths) for t in seq[:n]])
     pos = torch.cat([torch.arange(n) for n in lengths])
@@ -46,7 +46,7 @@ def test_logits_match_transformers_prefill_and_decode(arch, tiny_model_dir):
         assert rel_err(got, r[:n]) < 1e-4, f"{arch} prefill"
     # decode: one token per sequence per step, sequences at different lengths
     for step in range(n_decode):
-        seqs = [SeqSlice(row=r, start=n + step, n=1, q_offset=i) for i, (r, n) in enumerate(zip(rows, lengths))]
+        seqs = [SeqSlice(kv=r, start=n + step, n=1, q_offset=i) for i, (r, n) in enumerate(zip(rows, lengths))]
         ids = torch.tensor([seq[n + step] for seq, n in zip(full, lengths)])
         pos = torch.tensor([n + step for n in lengths])
         with torch.no_grad():

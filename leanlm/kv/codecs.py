@@ -1,0 +1,69 @@
+"""KVCodec: how K and V are stored in the paged cache's slots.
+
+The paged cache owns the block bookkeeping (which slots a sequence uses); a codec owns the bytes.
+A compressed codec (quantized, block floating point, XQuant) implements the same three calls and
+returns K/V dequantized to the compute dtype, so attention never knows the storage format.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCodec:
+    """Storage of K/V for `num_slots` token slots of every layer (slot = block * block_size + offset)."""
+
+    spec: str = "plain"  # goes into the prefix-cache hash: caches of different codecs never mix
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [T, Hkv, D] of T new tokens into `slots` [T] (int64)."""
+        raise NotImplementedError
+
+    def read_blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of whole blocks: block_tables [B, nblk] -> [B, nblk * block_size, Hkv, D]."""
+        raise NotImplementedError
+
+    def read_slots(self, layer: int, first_slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of `length` consecutive slots (a sequence whose blocks are physically adjacent):
+        [length, Hkv, D]; a plain codec returns views, no copy."""
+        raise NotImplementedError
+
+    def bytes_per_token(self) -> int:
+        raise NotImplementedError
+
+
+class PlainCodec(KVCodec):
+    """K/V kept in the model's dtype: one [num_slots, Hkv, D] tensor per layer for K and for V."""
+
+    spec = "plain"
+
+    def __init__(self, num_layers: int, num_slots: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+        self.dtype, self.num_layers = dtype, num_layers
+        # zeros, not empty: masked-out slots still enter attention's matmul with weight 0, and
+        # 0 * NaN (uninitialised memory) would poison the output
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def write(self, layer, slots, k, v) -> None:
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
+
+    def read_blocks(self, layer, block_tables):
+        B, nblk = block_tables.shape
+        shape = (-1, self.block_size, self.num_kv_heads, self.head_dim)
+        k = self.k[layer].view(shape)[block_tables]  # [B, nblk, bs, Hkv, D]
+        v = self.v[layer].view(shape)[block_tables]
+        out = (B, nblk * self.block_size, self.num_kv_heads, self.head_dim)
+        return k.view(out), v.view(out)
+
+    def read_slots(self, layer, first_slot, length):
+        return self.k[layer][first_slot:first_slot + length], self.v[layer][first_slot:first_slot + length]
+
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_token_for(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+
+    @staticmethod
+    def bytes_per_token_for(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize

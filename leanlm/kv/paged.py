@@ -1,0 +1,179 @@
+"""The paged KV cache: a pool of fixed-size blocks shared by all sequences (vLLM's PagedAttention
+layout), with prefix caching. Block bookkeeping lives in kv/blocks.py, the bytes in a KVCodec.
+
+Per step, `prepare` turns every sequence's block table into a slot mapping (where each new
+token's K/V goes) and, for decodes, a padded block-table tensor; per layer, `attend` writes the
+new K/V through the codec and attends over the sequence's blocks. A sequence whose blocks are
+physically adjacent (a lone stream in a fresh pool) is read as a view, with no gather copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from leanlm.kv.blocks import BlockManager, BlockTable
+from leanlm.kv.cache import KVCache, SeqSlice, decode_attention, decode_mask, prefill_mask
+from leanlm.kv.codecs import KVCodec
+
+
+@dataclass
+class _Prefill:
+    start: int
+    n: int
+    q_offset: int
+    first_slot: int | None             # blocks adjacent: read slots first_slot.. as a view
+    blocks: torch.Tensor | None        # else: the blocks to gather, [1, nblk]
+    mask: torch.Tensor | None
+
+
+@dataclass
+class PagedContext:
+    seqs: list[SeqSlice]
+    decode_only: bool
+    slot_mapping: torch.Tensor                    # [T] slot of every new token
+    kv_len: int = 0                               # decode: longest context in the batch
+    first_slot: int | None = None                 # decode of one sequence with adjacent blocks
+    block_tables: torch.Tensor | None = None      # decode: [B, nblk], padded with block 0
+    mask: torch.Tensor | None = None              # decode: [B, 1, 1, kv_len]
+    prefills: list[_Prefill] = field(default_factory=list)
+
+
+def _adjacent_start(blocks: list[int], nblk: int, block_size: int) -> int | None:
+    """First slot of blocks[:nblk] when those blocks are consecutive ids, else None."""
+    b0 = blocks[0]
+    if blocks[nblk - 1] - b0 == nblk - 1 and blocks[:nblk] == list(range(b0, b0 + nblk)):
+        return b0 * block_size
+    return None
+
+
+class PagedKVCache(KVCache):
+    def __init__(self, codec: KVCodec, num_blocks: int, block_size: int, device: torch.device,
+                 num_kv_heads: int, sliding_window: int | None = None,
+                 enable_prefix_caching: bool = True, salt: str = ""):
+        self.codec, self.block_size, self.device = codec, block_size, torch.device(device)
+        self.num_kv_heads, self.window = num_kv_heads, sliding_window
+        # the codec's spec is part of every prefix hash: blocks stored differently never match
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, salt=f"{salt}|{codec.spec}")
+
+    # -- room for sequences (called by the scheduler) -------------------------------------------
+    def admit(self, token_ids: list[int], max_len: int) -> tuple[BlockTable, int]:
+        if len(token_ids) < 2:  # nothing to look up (the last token is always computed)
+            return self.blocks.new_table(), 0
+        return self.blocks.match_prefix(token_ids)
+
+    def reserve(self, handle: BlockTable, num_tokens: int) -> bool:
+        return self.blocks.grow(handle, num_tokens)
+
+    def commit(self, handle: BlockTable, token_ids: list[int], num_computed: int) -> None:
+        self.blocks.commit(handle, token_ids, num_computed)
+
+    def release(self, handle: BlockTable) -> None:
+        self.blocks.free(handle)
+
+    def usage(self) -> tuple[int, int, int]:
+        return self.blocks.num_used, self.blocks.num_free, self.block_size
+
+    def prefix_stats(self) -> tuple[int, int]:
+        return self.blocks.prefix_cache_queries, self.blocks.prefix_cache_hits
+
+    def bytes_per_token(self) -> int:
+        return self.codec.bytes_per_token()
+
+    # -- one step ----------------------------------------------------------------------------------
+    def prepare(self, seqs: list[SeqSlice]) -> PagedContext:
+        bs = self.block_size
+        slots: list[int] = []
+        for s in seqs:
+            blocks = s.kv.blocks
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(s.start, s.start + s.n))
+        ctx = PagedContext(seqs, all(s.n == 1 for s in seqs),
+                           torch.tensor(slots, dtype=torch.long, device=self.device))
+        if ctx.decode_only:
+            lens = [s.start + 1 for s in seqs]
+            ctx.kv_len = max(lens)
+            nblk = -(-ctx.kv_len // bs)
+            if len(seqs) == 1:
+                ctx.first_slot = _adjacent_start(seqs[0].kv.blocks, nblk, bs)
+            if ctx.first_slot is None:
+                rows = [s.kv.blocks[:nblk] for s in seqs]
+                rows = [r + [0] * (nblk - len(r)) for r in rows]
+                ctx.block_tables = torch.tensor(rows, dtype=torch.long, device=self.device)
+            ctx.mask = decode_mask(lens, self.window, self.device)
+            return ctx
+        for s in seqs:
+            end = s.start + s.n
+            nblk = -(-end // bs)
+            first = blocks = None
+            if s.start > 0:  # earlier tokens come from the cache
+                first = _adjacent_start(s.kv.blocks, nblk, bs)
+                if first is None:
+                    blocks = torch.tensor([s.kv.blocks[:nblk]], dtype=torch.long, device=self.device)
+            ctx.prefills.append(_Prefill(s.start, s.n, s.q_offset, first, blocks,
+                                         prefill_mask(s.start, s.n, self.window, self.device)))
+        return ctx
+
+    def attend(self, layer: int, q, k, v, ctx: PagedContext) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] for the flattened batch -> [T, Hq, D]."""
+        self.codec.write(layer, ctx.slot_mapping, k, v)
+        if ctx.decode_only:
+            if ctx.first_slot is not None:
+                keys, values = self.codec.read_slots(layer, ctx.first_slot, ctx.kv_len)
+                keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
+            else:
+                keys, values = self.codec.read_blocks(layer, ctx.block_tables)
+                keys = keys[:, :ctx.kv_len].transpose(1, 2)
+                values = values[:, :ctx.kv_len].transpose(1, 2)
+            return decode_attention(q, keys, values, ctx.mask)
+        out = torch.empty_like(q)
+        group = q.shape[1] // self.num_kv_heads
+        for p in ctx.prefills:
+            sl = slice(p.q_offset, p.q_offset + p.n)
+            end = p.start + p.n
+            if p.first_slot is not None:
+                keys, values = self.codec.read_slots(layer, p.first_slot, end)
+            elif p.blocks is not None:
+                keys, values = self.codec.read_blocks(layer, p.blocks)
+                keys, values = keys[0, :end], values[0, :end]
+            else:  # nothing cached before this chunk: attend over its own k/v
+                keys, values = k[sl], v[sl]
+            # 4-D inputs with KV heads repeated: SDPA's fused CPU kernel (the 3-D / enable_gqa
+            # call falls back to the unfused math path, ~4x slower at 512 tokens)
+            keys = keys.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)
+            values = values.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                q[sl].transpose(0, 1).unsqueeze(0), keys, values,
+                attn_mask=p.mask, is_causal=p.mask is None and p.n > 1)
+            out[sl] = o[0].transpose(0, 1)
+        return out
+
+
+DEFAULT_BUDGET_BYTES = 4 * 2**30   # vLLM's CPU default (VLLM_CPU_KVCACHE_SPACE=4)
+DEFAULT_BUDGET_FRACTION = 0.4      # ... unless that is more than 40% of the free memory
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on the device now: MemAvailable on a CPU host, the CUDA free memory on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_budget_bytes(budget: int | float | None, device: torch.device) -> int:
+    """The KV cache budget from EngineConfig.kv_cache_bytes: bytes, a fraction of free memory,
+    or None for the default."""
+    if budget is None:
+        return min(DEFAULT_BUDGET_BYTES, int(DEFAULT_BUDGET_FRACTION * available_memory(device)))
+    if isinstance(budget, float):
+        return int(budget * available_memory(device))
+    return budget
