@@ -29,15 +29,37 @@ class _Prefill:
 
 
 @dataclass
+class _DecodeGroup:
+    """Decoding sequences of similar length, attended together over their padded block tables."""
+    rows: slice | torch.Tensor                    # their tokens in the flattened batch
+    kv_len: int                                   # longest context in the group
+    first_slot: int | None                        # one sequence with adjacent blocks: read a view
+    block_tables: torch.Tensor | None             # else [B, nblk], padded with block 0
+    mask: torch.Tensor | None                     # [B, 1, 1, kv_len]
+
+
+@dataclass
 class PagedContext:
     seqs: list[SeqSlice]
     decode_only: bool
     slot_mapping: torch.Tensor                    # [T] slot of every new token
-    kv_len: int = 0                               # decode: longest context in the batch
-    first_slot: int | None = None                 # decode of one sequence with adjacent blocks
-    block_tables: torch.Tensor | None = None      # decode: [B, nblk], padded with block 0
-    mask: torch.Tensor | None = None              # decode: [B, 1, 1, kv_len]
+    decodes: list[_DecodeGroup] = field(default_factory=list)
     prefills: list[_Prefill] = field(default_factory=list)
+
+
+def _length_groups(seqs: list[SeqSlice]) -> list[list[SeqSlice]]:
+    """Split decoding sequences into groups whose lengths are within 2x of the group's longest:
+    a group is padded to its longest context, so one 900-token sequence does not make 63 short
+    ones gather 900 tokens each; each extra group costs one more attention call per layer."""
+    groups: list[list[SeqSlice]] = []
+    for s in sorted(seqs, key=lambda s: -s.start):
+        if groups and 2 * (s.start + 1) > groups[-1][0].start + 1:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    for g in groups:  # batch order inside a group: rows stay a slice when they were one
+        g.sort(key=lambda s: s.q_offset)
+    return groups
 
 
 def _adjacent_start(blocks: list[int], nblk: int, block_size: int) -> int | None:
@@ -90,19 +112,12 @@ class PagedKVCache(KVCache):
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(s.start, s.start + s.n))
         ctx = PagedContext(seqs, all(s.n == 1 for s in seqs),
                            torch.tensor(slots, dtype=torch.long, device=self.device))
-        if ctx.decode_only:
-            lens = [s.start + 1 for s in seqs]
-            ctx.kv_len = max(lens)
-            nblk = -(-ctx.kv_len // bs)
-            if len(seqs) == 1:
-                ctx.first_slot = _adjacent_start(seqs[0].kv.blocks, nblk, bs)
-            if ctx.first_slot is None:
-                rows = [s.kv.blocks[:nblk] for s in seqs]
-                rows = [r + [0] * (nblk - len(r)) for r in rows]
-                ctx.block_tables = torch.tensor(rows, dtype=torch.long, device=self.device)
-            ctx.mask = decode_mask(lens, self.window, self.device)
-            return ctx
+        decodes = [s for s in seqs if s.n == 1]
+        for group in _length_groups(decodes):
+            ctx.decodes.append(self._decode_group(group))
         for s in seqs:
+            if s.n == 1:
+                continue
             end = s.start + s.n
             nblk = -(-end // bs)
             first = blocks = None
@@ -114,19 +129,36 @@ class PagedKVCache(KVCache):
                                          prefill_mask(s.start, s.n, self.window, self.device)))
         return ctx
 
+    def _decode_group(self, group: list[SeqSlice]) -> _DecodeGroup:
+        bs = self.block_size
+        lens = [s.start + 1 for s in group]
+        kv_len = max(lens)
+        nblk = -(-kv_len // bs)
+        offsets = [s.q_offset for s in group]
+        if offsets == list(range(offsets[0], offsets[0] + len(offsets))):
+            rows = slice(offsets[0], offsets[0] + len(offsets))
+        else:
+            rows = torch.tensor(offsets, dtype=torch.long, device=self.device)
+        first = _adjacent_start(group[0].kv.blocks, nblk, bs) if len(group) == 1 else None
+        tables = None
+        if first is None:
+            padded = [s.kv.blocks[:nblk] + [0] * (nblk - min(nblk, len(s.kv.blocks))) for s in group]
+            tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+        return _DecodeGroup(rows, kv_len, first, tables, decode_mask(lens, self.window, self.device))
+
     def attend(self, layer: int, q, k, v, ctx: PagedContext) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the flattened batch -> [T, Hq, D]."""
         self.codec.write(layer, ctx.slot_mapping, k, v)
-        if ctx.decode_only:
-            if ctx.first_slot is not None:
-                keys, values = self.codec.read_slots(layer, ctx.first_slot, ctx.kv_len)
+        out = torch.empty_like(q)
+        for d in ctx.decodes:
+            if d.first_slot is not None:
+                keys, values = self.codec.read_slots(layer, d.first_slot, d.kv_len)
                 keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
             else:
-                keys, values = self.codec.read_blocks(layer, ctx.block_tables)
-                keys = keys[:, :ctx.kv_len].transpose(1, 2)
-                values = values[:, :ctx.kv_len].transpose(1, 2)
-            return decode_attention(q, keys, values, ctx.mask)
-        out = torch.empty_like(q)
+                keys, values = self.codec.read_blocks(layer, d.block_tables)
+                keys = keys[:, :d.kv_len].transpose(1, 2)
+                values = values[:, :d.kv_len].transpose(1, 2)
+            out[d.rows] = decode_attention(q[d.rows], keys, values, d.mask)
         group = q.shape[1] // self.num_kv_heads
         for p in ctx.prefills:
             sl = slice(p.q_offset, p.q_offset + p.n)

@@ -49,9 +49,43 @@ def test_decode_matches_float64_reference(scatter):
         assert torch.allclose(out[i].double(), ref, atol=1e-5)
     # a lone sequence in adjacent blocks is read as a view (no gather) and gives the same answer
     ctx1 = cache.prepare([SeqSlice(handles[1], lens[1], 1, 0)])
-    assert (ctx1.first_slot is not None) == (not scatter)
+    assert (ctx1.decodes[0].first_slot is not None) == (not scatter)
     out1 = cache.attend(0, q[1:2], k_new[1:2], v_new[1:2], ctx1)
     assert torch.allclose(out1[0], out[1], atol=1e-6)
+
+
+def test_mixed_step_of_decodes_in_length_groups_and_a_prefill_chunk():
+    """One step holding decodes of very different lengths (split into length groups) and the
+    first chunk of a new prompt between them: every row matches the float64 reference."""
+    g = torch.Generator().manual_seed(3)
+    cache = make_cache(num_blocks=64)
+    lens = [40, 4, 37, 5]
+    handles = [cache.admit([], 0)[0] for _ in lens]
+    history = [(torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g)) for n in lens]
+    for h, (k, v) in zip(handles, history):
+        fill(cache, h, k, v, g)
+        assert cache.reserve(h, len(k) + 1)
+    new = cache.admit([], 0)[0]
+    assert cache.reserve(new, 6)
+    k6, v6, q6 = (torch.randn(6, Hkv, D, generator=g), torch.randn(6, Hkv, D, generator=g),
+                  torch.randn(6, Hq, D, generator=g))
+    qd = torch.randn(4, Hq, D, generator=g)
+    kd, vd = torch.randn(4, Hkv, D, generator=g), torch.randn(4, Hkv, D, generator=g)
+    # batch order: decode 0, decode 1, the 6-token chunk, decode 2, decode 3
+    q = torch.cat([qd[:2], q6, qd[2:]])
+    k = torch.cat([kd[:2], k6, kd[2:]])
+    v = torch.cat([vd[:2], v6, vd[2:]])
+    offsets = [0, 1, 8, 9]
+    slices = [SeqSlice(h, n, 1, o) for h, n, o in zip(handles, lens, offsets)]
+    slices.insert(2, SeqSlice(new, 0, 6, 2))
+    ctx = cache.prepare(slices)
+    assert len(ctx.decodes) == 2 and len(ctx.prefills) == 1  # lengths 40/37 and 4/5 apart
+    out = cache.attend(0, q, k, v, ctx)
+    for i, ((kh, vh), o) in enumerate(zip(history, offsets)):
+        ref = ref_attention(qd[i], torch.cat([kh, kd[i:i + 1]]), torch.cat([vh, vd[i:i + 1]]))
+        assert torch.allclose(out[o].double(), ref, atol=1e-5)
+    for i in range(6):
+        assert torch.allclose(out[2 + i].double(), ref_attention(q6[i], k6[:i + 1], v6[:i + 1]), atol=1e-5)
 
 
 @pytest.mark.parametrize("scatter", [False, True])
