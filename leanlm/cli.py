@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     from leanlm.bench import cli as bench_cli
 
     bench_cli.register(sub, add_model_args)
+    from leanlm.serve import cli as serve_cli
+
+    serve_cli.register(sub, add_model_args)
     return parser
 
 
