@@ -1,6 +1,7 @@
 """Peer engines timed with exactly the protocol leanlm is timed with (see latency.py).
 
-Each target offers two measurements on given token ids:
+Each target offers two measurements on given token ids (and HFPeer a third, `generate_batched`,
+for the throughput bench):
 - `prefill_seconds(ids)`: run the prompt through the model once, producing the last position's logits;
 - `decode_tps(ids, n)`: greedy-generate n + 1 tokens and return n / (time of the last token - time of
   the first token), i.e. tokens per second of the decode steps only, prefill excluded.
@@ -90,6 +91,35 @@ class HFPeer:
             raise RuntimeError(f"transformers generated {got} tokens ({len(stamps.times) - 1} streamed), "
                                f"expected {n + 1}")
         return n / (stamps.times[-1] - stamps.times[1])
+
+    @torch.inference_mode()
+    def generate_batched(self, prompts: list[list[int]], output_len: int, batch_size: int,
+                         progress=None) -> float:
+        """Seconds to greedy-generate exactly `output_len` tokens for every prompt with batched,
+        left-padded `generate` calls of up to `batch_size` rows (the throughput bench's HF peer).
+
+        Rows are batched in order of prompt length so that padding wastes little work: kinder to
+        transformers than vLLM's in-order batching, so a leanlm/hf ratio is not inflated by it."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        batches = [[prompts[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+        padded = []
+        for batch in batches:  # built before the clock starts: only generation is timed
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in batch], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
+            padded.append((ids, mask))
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for ids, mask in padded:
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=output_len,
+                                      min_new_tokens=output_len, do_sample=False, pad_token_id=self.pad_id)
+            if out.shape[1] - ids.shape[1] != output_len:
+                raise RuntimeError(f"transformers generated {out.shape[1] - ids.shape[1]} tokens per row, "
+                                   f"expected {output_len}")
+            if progress is not None:
+                progress(ids.shape[0])
+        _sync(self.device)
+        return time.perf_counter() - t0
 
 
 def _Stamps():

@@ -1,0 +1,250 @@
+"""`leanlm bench throughput`: offline throughput, as vLLM's benchmark_throughput measures it.
+
+The first N ShareGPT prompts (see sharegpt.py) are tokenized as raw text with the model's
+tokenizer (no chat template: the same token ids go to every engine, and the prompt lengths are
+the dataset's own), truncated to --max-prompt-len tokens (and to what leaves room for the output
+in the model's context). Every request generates exactly --output-len tokens: greedy, EOS ignored.
+
+- leanlm: one `LLM.generate` call with all the prompts at once, so continuous batching decides
+  how they share the steps; timed after a short warm-up on 2 other prompts.
+- `--baseline sequential`: the same engine object, one `generate` call per prompt.
+- `--vs hf`: transformers `generate` on left-padded batches of --hf-batch-size rows.
+
+Baselines may run on only the first --baseline-prompts prompts (they are slow); each throughput
+is measured on the prompts its engine ran, and ratios compare output tokens/s. Prefix caching is
+off, so that a prompt seen in one run cannot become a cache hit in the next.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from leanlm.bench.peers import PEERS, make_peer
+from leanlm.bench.report import dtype_name, positive_int, print_table, tps, write_json
+from leanlm.bench.sharegpt import add_dataset_arg, load_prompts
+
+BASELINES = ("sequential",)
+WARMUP_PROMPT_LEN = 16
+WARMUP_OUTPUT_LEN = 4
+
+
+def prepare_requests(llm, prompts: list[str], max_prompt_len: int, output_len: int) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt (raw text, the tokenizer's own special tokens), cut to fit; and how
+    many were cut. Truncation keeps the start of a prompt, where its question usually is."""
+    limit = llm.engine.max_model_len
+    cap = min(max_prompt_len, limit - output_len)
+    if cap < 1:
+        raise ValueError(f"output_len={output_len} leaves no room for a prompt in the model's context "
+                         f"of {limit} tokens")
+    tok = llm.get_tokenizer()
+    ids = [tok.encode(p) for p in prompts]
+    return [x[:cap] for x in ids], sum(len(x) > cap for x in ids)
+
+
+def stats(num_requests: int, prompt_tokens: int, output_tokens: int, seconds: float) -> dict:
+    """vLLM's throughput fields for one engine's run."""
+    return {"num_prompts": num_requests, "elapsed_s": seconds,
+            "total_prompt_tokens": prompt_tokens, "total_output_tokens": output_tokens,
+            "request_throughput": num_requests / seconds, "output_throughput": output_tokens / seconds,
+            "total_token_throughput": (prompt_tokens + output_tokens) / seconds}
+
+
+def _params(output_len: int):
+    from leanlm import SamplingParams
+
+    return SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+
+
+def _check_lengths(outputs, output_len: int, what: str) -> int:
+    got = [len(o.outputs[0].token_ids) for o in outputs]
+    if any(n != output_len for n in got):
+        raise RuntimeError(f"{what}: a request produced {min(got)}..{max(got)} tokens, expected {output_len}")
+    return sum(got)
+
+
+def warm_up(llm) -> None:
+    """Two short requests of pseudo-random tokens (never the measured prompts): first-call costs
+    (allocation, kernels' first runs) are paid here, not inside the timed run."""
+    from leanlm.bench.latency import prompt_ids
+
+    n = max(1, min(WARMUP_PROMPT_LEN, llm.engine.max_model_len - WARMUP_OUTPUT_LEN - 1))
+    llm.generate([prompt_ids(llm, n, seed=s) for s in (7, 8)], _params(WARMUP_OUTPUT_LEN))
+
+
+def time_batched(llm, reqs: list[list[int]], output_len: int) -> dict:
+    t0 = time.perf_counter()
+    outputs = llm.generate(reqs, _params(output_len), use_tqdm=True)
+    seconds = time.perf_counter() - t0
+    n_out = _check_lengths(outputs, output_len, "leanlm")
+    return stats(len(reqs), sum(map(len, reqs)), n_out, seconds)
+
+
+def time_sequential(llm, reqs: list[list[int]], output_len: int) -> dict:
+    from tqdm import tqdm
+
+    outputs, seconds = [], 0.0
+    for ids in tqdm(reqs, desc="leanlm sequential", unit="req"):
+        t0 = time.perf_counter()  # only generate is timed, not the progress bar
+        outputs += llm.generate(ids, _params(output_len))
+        seconds += time.perf_counter() - t0
+    n_out = _check_lengths(outputs, output_len, "leanlm sequential")
+    return stats(len(reqs), sum(map(len, reqs)), n_out, seconds)
+
+
+def time_hf(llm, reqs: list[list[int]], output_len: int, batch_size: int) -> dict:
+    from tqdm import tqdm
+
+    peer = make_peer("hf", llm)
+    peer.generate_batched(reqs[:2], min(output_len, WARMUP_OUTPUT_LEN), batch_size)  # warm-up, as leanlm's
+    with tqdm(total=len(reqs), desc="hf generate", unit="req") as bar:
+        seconds = peer.generate_batched(reqs, output_len, batch_size, progress=bar.update)
+    result = stats(len(reqs), sum(map(len, reqs)), len(reqs) * output_len, seconds)
+    result["batch_size"] = batch_size
+    return result
+
+
+def run_throughput(llm, prompts: list[str], output_len: int = 128, max_prompt_len: int = 1024,
+                   baseline: str | None = None, vs: str | None = None, hf_batch_size: int = 32,
+                   baseline_prompts: int | None = None, model: str = "", threads: int | None = None,
+                   dataset: str = "") -> dict:
+    """Time leanlm (and the baselines) and return the report dict (see `leanlm bench throughput -h`)."""
+    for name, v in (("output_len", output_len), ("max_prompt_len", max_prompt_len),
+                    ("hf_batch_size", hf_batch_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not prompts:
+        raise ValueError("no prompts to run (num_prompts must be >= 1)")
+    if baseline is not None and baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; allowed: {', '.join(BASELINES)}")
+    if vs is not None and vs not in PEERS:
+        raise ValueError(f"unknown peer {vs!r} for --vs; allowed: {', '.join(PEERS)}")
+    if baseline_prompts is not None and (not isinstance(baseline_prompts, int) or baseline_prompts < 1):
+        raise ValueError(f"baseline_prompts must be a positive integer, got {baseline_prompts!r}")
+    reqs, truncated = prepare_requests(llm, prompts, max_prompt_len, output_len)
+    k = min(baseline_prompts or len(reqs), len(reqs))
+
+    warm_up(llm)
+    report = time_batched(llm, reqs, output_len)
+    if baseline == "sequential":
+        report["sequential"] = time_sequential(llm, reqs[:k], output_len)
+        report["ratio_vs_sequential"] = report["output_throughput"] / report["sequential"]["output_throughput"]
+    if vs == "hf":
+        report["hf"] = time_hf(llm, reqs[:k], output_len, hf_batch_size)
+        report["ratio_vs_hf"] = report["output_throughput"] / report["hf"]["output_throughput"]
+
+    cfg = llm.engine.config
+    lens = [len(r) for r in reqs]
+    report.update({
+        "model": model, "dtype": dtype_name(cfg.torch_dtype), "device": str(cfg.torch_device),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "compile": bool(cfg.compile), "max_num_seqs": cfg.max_num_seqs, "seed": cfg.seed,
+        "prefix_caching": bool(cfg.enable_prefix_caching), "dataset": str(dataset),
+        "num_prompts": len(reqs), "output_len": output_len, "max_prompt_len": max_prompt_len,
+        "num_truncated_prompts": truncated, "prompt_tokens": lens,
+        "prompt_tokens_min": min(lens), "prompt_tokens_mean": sum(lens) / len(lens),
+        "prompt_tokens_max": max(lens),
+        "baseline_prompts": k if (baseline or vs) else None,
+        "hf_batch_size": hf_batch_size if vs == "hf" else None,
+    })
+    return report
+
+
+def print_report(report: dict) -> None:
+    cols = ["engine", "prompts", "seconds", "req/s", "output tok/s", "total tok/s", "leanlm ×"]
+
+    def row(name: str, r: dict, ratio: float | None) -> list:
+        return [name, r["num_prompts"], f"{r['elapsed_s']:.2f}", f"{r['request_throughput']:.2f}",
+                tps(r["output_throughput"]), tps(r["total_token_throughput"]),
+                "—" if ratio is None else f"{ratio:.2f}x"]
+
+    rows = [row(f"leanlm (batched, max_num_seqs={report['max_num_seqs']})", report, None)]
+    if "sequential" in report:
+        rows.append(row("leanlm sequential (1 request at a time)", report["sequential"],
+                        report["ratio_vs_sequential"]))
+    if "hf" in report:
+        rows.append(row(f"hf generate (batches of {report['hf']['batch_size']})", report["hf"],
+                        report["ratio_vs_hf"]))
+    caption = (f"{report['model']} · {report['dtype']} · {report['device']} · {report['threads']} threads · "
+               f"{report['num_prompts']} ShareGPT prompts of {report['prompt_tokens_min']}–"
+               f"{report['prompt_tokens_max']} tokens (mean {report['prompt_tokens_mean']:.0f}) · "
+               f"{report['output_len']} output tokens each · 'leanlm ×' = leanlm output tok/s / that row's")
+    print_table("leanlm bench throughput (offline)", cols, rows, caption)
+    if report["num_truncated_prompts"]:
+        print(f"note: {report['num_truncated_prompts']} prompts were cut to "
+              f"{max(report['prompt_tokens'])} tokens (--max-prompt-len / the model's context)", file=sys.stderr)
+    k = report.get("baseline_prompts")
+    if k is not None and k < report["num_prompts"]:
+        print(f"note: baselines ran on the first {k} of {report['num_prompts']} prompts (--baseline-prompts); "
+              f"ratios compare throughputs, each on its own prompts", file=sys.stderr)
+
+
+def add_parser(sub, add_model_args) -> None:
+    p = sub.add_parser(
+        "throughput", help="offline throughput on ShareGPT prompts (vLLM benchmark_throughput style)",
+        description="Generate --output-len tokens (greedy, EOS ignored) for each of the first --num-prompts "
+                    "ShareGPT prompts with one LLM.generate call, after a 2-prompt warm-up, and report "
+                    "requests/s, output tokens/s and total (prompt + output) tokens/s. Prompts are the raw "
+                    "text tokenized by the model's tokenizer (no chat template), cut to --max-prompt-len "
+                    "tokens. Baselines run in the same process on the same token ids.",
+        epilog="Speed drifts on shared machines: compare engines only inside one run (--baseline, --vs).")
+    add_model_args(p)
+    add_dataset_arg(p)
+    p.add_argument("--num-prompts", type=positive_int, default=64, help="requests: the first N prompts (default 64)")
+    p.add_argument("--output-len", type=positive_int, default=128,
+                   help="tokens generated per request, exactly (default 128)")
+    p.add_argument("--max-prompt-len", type=positive_int, default=1024,
+                   help="cut longer prompts to this many tokens, keeping their start (default 1024; "
+                        "also cut to fit the model's context with the output)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=None,
+                   help="most sequences leanlm decodes together (default: the engine's, 64)")
+    p.add_argument("--baseline", choices=BASELINES, default=None,
+                   help="also run the prompts one request at a time on the same engine")
+    p.add_argument("--vs", choices=PEERS, default=None,
+                   help="also run a peer on the same token ids, dtype and threads (hf = transformers "
+                        "batched generate)")
+    p.add_argument("--hf-batch-size", type=positive_int, default=32,
+                   help="rows per transformers generate call with --vs hf (default 32)")
+    p.add_argument("--baseline-prompts", type=positive_int, default=None, metavar="K",
+                   help="run baselines on the first K prompts only (at most --num-prompts), as they can be slow "
+                        "(default: all); "
+                        "their throughput is measured on those K")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads for every engine (default: torch's current setting)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write request_throughput, output_throughput, total_token_throughput, elapsed_s, "
+                        "token totals, sequential / hf sections and ratio_vs_* (leanlm output tok/s / "
+                        "baseline's), and the config (model, dtype, prompt_tokens, threads, ...) to PATH")
+    p.set_defaults(func=cmd_throughput)
+
+
+def load_llm_for_throughput(args):
+    """As cli.load_llm, plus the batching limit and prefix caching off (see the module docstring)."""
+    from leanlm import LLM
+
+    extra = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, compile=args.compile,
+              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False, **extra)
+    print(f"[leanlm] loaded {llm.engine.model_path} ({llm.engine.config.torch_dtype}, "
+          f"{llm.engine.config.torch_device}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return llm
+
+
+def cmd_throughput(args) -> int:
+    from leanlm.bench.perplexity import model_name
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    prompts, path = load_prompts(args.num_prompts, args.dataset)  # before the model: fail fast
+    llm = load_llm_for_throughput(args)
+    report = run_throughput(llm, prompts, output_len=args.output_len, max_prompt_len=args.max_prompt_len,
+                            baseline=args.baseline, vs=args.vs, hf_batch_size=args.hf_batch_size,
+                            baseline_prompts=args.baseline_prompts, model=model_name(args.model),
+                            threads=torch.get_num_threads(), dataset=str(path))
+    print_report(report)
+    if args.json:
+        write_json(args.json, report)
+        print(f"[leanlm] wrote {args.json}", file=sys.stderr)
+    return 0
