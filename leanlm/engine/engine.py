@@ -15,6 +15,7 @@ import torch
 
 from leanlm.config import EngineConfig
 from leanlm.engine.detokenizer import IncrementalDetokenizer
+from leanlm.engine.host import tune_malloc
 from leanlm.engine.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from leanlm.engine.runner import ModelRunner
 from leanlm.engine.sampling import Sampler, SamplingParams, SamplingState
@@ -44,6 +45,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         dtype, device = config.torch_dtype, config.torch_device
+        if device.type == "cpu":
+            tune_malloc()
         self.model_path = resolve_model(config.model)
         self.model, self.model_config = load_model(
             self.model_path, dtype, device, method=lambda name: default_method(dtype, device))
