@@ -91,6 +91,19 @@ def _chunk_text(chunk: dict, chat: bool) -> str:
     return choices[0].get("text") or ""
 
 
+async def sse_lines(resp):
+    """The lines of an SSE body, split as the SSE spec says (LF, CRLF): httpx's aiter_lines splits
+    like str.splitlines, also on U+2028, U+0085 and friends, which JSON text may hold unescaped."""
+    buffer = b""
+    async for data in resp.aiter_bytes():
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:  # 0x0A never occurs inside a UTF-8 multi-byte character
+            yield line.removesuffix(b"\r").decode("utf-8", "replace")
+    if buffer:
+        yield buffer.removesuffix(b"\r").decode("utf-8", "replace")
+
+
 async def send_request(client, url: str, body: dict, headers: dict, chat: bool) -> RequestResult:
     """One streaming request; never raises (a failure is a result with its error)."""
     import httpx
@@ -103,7 +116,7 @@ async def send_request(client, url: str, body: dict, headers: dict, chat: bool) 
                 text = (await resp.aread()).decode("utf-8", "replace").strip()
                 raise StreamError(f"HTTP {resp.status_code}: {text[:300]}")
             last, chunks, done = None, 0, False
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line or line.startswith(":"):  # event separator / SSE comment
                     continue
                 if not line.startswith("data:"):

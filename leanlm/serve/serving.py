@@ -38,9 +38,15 @@ class SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+# Characters that str.splitlines (and so httpx's aiter_lines and many clients) treat as line
+# breaks although SSE does not: escaped, a JSON payload cannot be split in two by the client.
+# (json.dumps already escapes the ASCII control characters among them.)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
-                                                               separators=(",", ":"))
+    data = payload if isinstance(payload, str) else json.dumps(
+        payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
     return f"data: {data}\n\n"
 
 

@@ -159,3 +159,16 @@ def test_metrics_count_requests_and_engine_is_empty_after(client, http, async_ll
         assert after[(f"leanlm:{gauge}", ())] == 0, gauge
     for name in ("kv_blocks_free", "kv_cache_usage_perc", "prefix_cache_hit_rate"):
         assert (f"leanlm:{name}", ()) in after
+
+
+def test_sse_payload_is_one_line_for_any_client():
+    """U+0085 / U+2028 / U+2029 are line breaks to str.splitlines (httpx's aiter_lines): the
+    server escapes them so a chunk holding them still arrives as one `data:` line."""
+    import json
+
+    from leanlm.serve.serving import sse
+
+    text = "a\x85b\u2028c\u2029d\né\x0c"
+    event = sse({"text": text})
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):-2])["text"] == text
