@@ -5,6 +5,14 @@ commands (add, abort) through a thread-safe queue that the thread drains before 
 and the thread hands outputs back to per-request asyncio queues with call_soon_threadsafe.
 One thread is enough: torch releases the GIL inside its kernels, so the event loop keeps
 answering HTTP while a step runs.
+
+Which thread steps the engine matters on the CPU: GNU OpenMP keeps one worker team per thread
+that runs torch ops, and once the teams hold more threads than there are cores it stops
+spin-waiting between parallel regions, which made every small op ~10x slower (an add of
+[64, 576]: 6 -> 61 us) and the whole serving engine 1.8x slower. `leanlm serve` therefore runs
+the engine loop on the main thread, the one that loaded the model (`run_engine_loop`), and the
+web server in a second thread that never runs torch ops; `start()` (a background engine thread)
+remains for embedding AsyncLLM in an application and for tests.
 """
 from __future__ import annotations
 
@@ -112,6 +120,17 @@ class AsyncLLM:
             self._thread = threading.Thread(target=self._run, name="leanlm-engine", daemon=True)
             self._thread.start()
 
+    def run_engine_loop(self, on_ready=None) -> None:
+        """Step the engine in the calling thread until `shutdown()` (from another thread or a
+        signal handler); on CPU, call it from the thread that loaded the model. `on_ready()` runs
+        once requests are accepted, before the first step (start the web server there)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already running")
+        self._thread = threading.current_thread()
+        if on_ready is not None:
+            on_ready()
+        self._run()
+
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopped
@@ -157,11 +176,14 @@ class AsyncLLM:
         """Whether the engine holds any request, as of its latest step or command."""
         return self._num_requests > 0 or self._stats.num_running + self._stats.num_waiting > 0
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread; requests still in flight fail with EngineDeadError."""
+    def shutdown(self, timeout: float = 30.0, wait: bool = True) -> None:
+        """Stop the engine loop; requests still in flight fail with EngineDeadError. Waits for
+        the loop to end unless wait=False or called on the loop's own thread (a signal handler)."""
         if self._thread is None:
             return
         self._commands.put(_STOP)
+        if not wait or self._thread is threading.current_thread():
+            return
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("the engine thread did not stop within %.0fs", timeout)
@@ -171,7 +193,9 @@ class AsyncLLM:
         wait = 0.0  # 0: take only what is queued; None: block until a command comes
         try:
             while True:
-                if not self._drain(None if not self.engine.has_unfinished() else wait):
+                # idle: wait for a command, waking every second so that a main-thread loop
+                # still runs signal handlers (Ctrl-C) promptly
+                if not self._drain(1.0 if not self.engine.has_unfinished() else wait):
                     break
                 if self.engine.has_unfinished():
                     t0 = time.perf_counter()

@@ -35,10 +35,14 @@ def resolve_model_arg(args) -> str | None:
 
 
 def cmd_serve(args) -> int:
+    import signal
+    import threading
+
     import uvicorn
 
     from leanlm.config import EngineConfig
     from leanlm.engine.async_engine import AsyncLLM
+    from leanlm.engine.engine import LLMEngine
     from leanlm.models.embedded import EMBEDDED_ALIAS
     from leanlm.serve.app import DEFAULT_MAX_BODY_BYTES, build_app
 
@@ -46,18 +50,43 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     model = resolve_model_arg(args)
     t0 = time.perf_counter()
-    llm = AsyncLLM.from_config(EngineConfig(
+    llm = AsyncLLM(LLMEngine(EngineConfig(
         model=model, dtype=args.dtype, device=args.device, seed=args.seed, compile=args.compile,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len))
+        max_model_len=args.max_model_len)), start=False)
     name = args.served_model_name or model or EMBEDDED_ALIAS
     print(f"[leanlm] loaded {llm.model_path} in {time.perf_counter() - t0:.1f}s; serving it as "
           f"{name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""),
           file=sys.stderr)
     app = build_app(llm, name, api_key=args.api_key,
                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+
+    def serve_http() -> None:
+        try:
+            server.run()  # in a non-main thread uvicorn leaves signals to us
+        except SystemExit:  # uvicorn exits when it cannot bind; it has logged why
+            pass
+        finally:  # the web server is gone (stopped, or failed to bind): stop the engine
+            llm.shutdown(wait=False)
+
+    def stop(signum, frame) -> None:
+        server.should_exit = True
+        llm.shutdown(wait=False)
+
+    web = threading.Thread(target=serve_http, name="leanlm-http", daemon=True)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # The engine steps on this thread, the one that loaded the model (see AsyncLLM's docstring).
+        llm.run_engine_loop(on_ready=web.start)
     finally:
-        llm.shutdown()
+        server.should_exit = True
+        web.join(15)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        print(f"leanlm: error: the server could not start on {args.host}:{args.port} (see above)",
+              file=sys.stderr)
+        return 1
     return 0
