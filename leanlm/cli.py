@@ -15,6 +15,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass (faster decode, slow first call)")
+    p.add_argument("--quant", default=None, metavar="SPEC",
+                   help="weight quantization applied at load time: rtn:FORMAT[:gGROUP], e.g. rtn:int8, "
+                        "rtn:int4:g32, rtn:nvfp4 (formats: int8/4/3/2, nf4, fp8/6/4, mxfp*, nvfp4, ternary, bfp*)")
     p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="KV cache budget: a size (2GiB, 512MiB) or a fraction of free memory (0.3); "
                         "default: min(4GiB, 40%% of available memory)")
@@ -44,7 +47,7 @@ def load_llm(args):
     t0 = time.perf_counter()
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
               compile=getattr(args, "compile", False),
-              kv_cache_memory=getattr(args, "kv_cache_memory", None))
+              kv_cache_memory=getattr(args, "kv_cache_memory", None), quant=getattr(args, "quant", None))
     print(f"[leanlm] loaded {llm.engine.model_path} ({llm.engine.config.torch_dtype}, "
           f"{llm.engine.config.torch_device}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm

@@ -75,11 +75,18 @@ class EngineConfig:
     kv_cache_memory: str | int | float | None = None  # '2GiB', bytes, or a fraction of free memory
     block_size: int = 16                   # tokens per KV block
     enable_prefix_caching: bool = True
+    quant: str | None = None               # weight quantization spec, e.g. 'rtn:int8', 'rtn:int4:g32'
+    quant_head: bool = False               # also quantize the LM head (default: compute dtype)
 
     def __post_init__(self):
         self.torch_dtype = parse_dtype(self.dtype)
         self.torch_device = parse_device(self.device)
         self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
+        self.quant_spec = None
+        if self.quant is not None:
+            from leanlm.quant.spec import QuantSpec
+
+            self.quant_spec = QuantSpec.parse(self.quant)
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

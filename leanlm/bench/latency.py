@@ -103,6 +103,7 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repeats: int = 5
         "device": str(llm.engine.config.torch_device),
         "threads": threads if threads is not None else torch.get_num_threads(),
         "compile": bool(llm.engine.config.compile),
+        "quant": None if llm.engine.config.quant_spec is None else str(llm.engine.config.quant_spec),
         "prompt_len": prompt_len, "gen_len": gen_len, "repeats": repeats,
     }
     if vs is not None:
@@ -142,7 +143,8 @@ def print_report(report: dict) -> None:
             ps = summarize(peer[f"{row}_runs"])
             r += [tps(ps["median"]), f"{tps(ps['min'])}–{tps(ps['max'])}", f"{report[f'ratio_{row}']:.2f}x"]
         rows.append(r)
-    caption = (f"{report['model']} · {report['dtype']} · {report['device']} · {report['threads']} threads · "
+    caption = (f"{report['model']} · {report['dtype']}" + (f" · {report['quant']}" if report.get("quant") else "")
+               + f" · {report['device']} · {report['threads']} threads · "
                f"median of {report['repeats']} runs after 1 warm-up")
     print_table("leanlm bench latency (batch 1)", cols, rows, caption)
     noisy = [f"{name} {row}" for name, runs in _all_runs(report) for row in (pp, tg)

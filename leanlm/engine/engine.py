@@ -32,6 +32,28 @@ from leanlm.quant.linear import default_method
 log = logging.getLogger("leanlm")
 
 
+def weight_method_factory(config: EngineConfig):
+    """Layer name -> QuantMethod: the `quant` spec's format for the decoder's linear layers (and
+    the LM head with quant_head), the fastest unquantized method for the rest."""
+    dtype, device, spec = config.torch_dtype, config.torch_device, config.quant_spec
+    if spec is None:
+        return lambda name: default_method(dtype, device)
+    if spec.algorithm != "rtn" or spec.rotate:
+        raise ValueError(f"quant spec {str(spec)!r}: only round-to-nearest ('rtn:FORMAT[:gN]') can be "
+                         f"applied at load time; GPTQ and rotation need a calibration run")
+    from leanlm.formats.registry import get_format
+    from leanlm.quant.weight_only import WeightOnlyMethod
+
+    fmt = get_format(spec.format)
+
+    def method(name: str):
+        if name == "lm_head" and not config.quant_head:
+            return default_method(dtype, device)
+        return WeightOnlyMethod(fmt, spec.group_size)
+
+    return method
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -48,8 +70,8 @@ class LLMEngine:
         if device.type == "cpu":
             tune_malloc()
         self.model_path = resolve_model(config.model)
-        self.model, self.model_config = load_model(
-            self.model_path, dtype, device, method=lambda name: default_method(dtype, device))
+        self.model, self.model_config = load_model(self.model_path, dtype, device,
+                                                   method=weight_method_factory(config))
         self.tokenizer = Tokenizer.from_dir(self.model_path)
         limit = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:

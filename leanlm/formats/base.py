@@ -37,7 +37,7 @@ class QuantizedTensor:
     format: str                            # the format's spec name, e.g. "int4", "mxfp4"
     shape: tuple[int, int]                 # [N, K]
     group_size: int                        # columns per group (K for per-channel)
-    codes: torch.Tensor                    # [N, K] integer codes (int8/uint8/int16), unpacked
+    codes: torch.Tensor                    # [N, Kp] integer codes, unpacked; Kp = K rounded up to groups
     scales: torch.Tensor                   # [N, K // group_size] float32 decoded scales
     zeros: torch.Tensor | None = None      # [N, K // group_size] float32, asymmetric formats
     tensor_scale: torch.Tensor | None = None  # scalar float32 (NVFP4)
@@ -78,29 +78,49 @@ class WeightFormat:
                                  f"group size {group_size} is not allowed")
             group_size = self.fixed_group
         g = K if group_size is None else group_size
-        if not isinstance(g, int) or g < 1 or K % g:
-            raise ValueError(f"group size {group_size!r} must be a positive divisor of the layer's "
-                             f"{K} input features")
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"group size {group_size!r} must be a positive integer")
         return g
 
-    def quantize(self, w: torch.Tensor, group_size: int | None = None) -> QuantizedTensor:
-        """Every group of every row at once: fit / encode see [N * K / g, g] rows."""
+    def quantize(self, w: torch.Tensor, group_size: int | None = None,
+                 per_tensor: bool = False) -> QuantizedTensor:
+        """Every group of every row at once: fit / encode see [N * K / g, g] rows.
+
+        `per_tensor=True` fits one scale (and zero) to the whole tensor, laid out as per-channel
+        (group K) with the same value in every row, so `dequantize` needs no special case.
+
+        When g does not divide K (SmolLM2's 576 features in groups of 128) the weight is padded
+        with zero columns to a multiple of g: every format stores zeros exactly and a zero never
+        widens a group's range, so the last group is simply a shorter one. Codes keep the padded
+        width ([N, ceil(K / g) * g]); `shape` and `dequantize` keep the true K."""
         N, K = w.shape
+        if per_tensor:
+            if group_size not in (None, K) or self.fixed_group is not None:
+                raise ValueError(f"per-tensor quantization takes no group size (got {group_size}) "
+                                 f"and no block format ({self.name})")
+            flat = w.float().reshape(1, N * K)
+            p = self.fit(flat, self.prepare(w.float()))
+            codes = self.encode(flat, p).reshape(N, K)
+            return QuantizedTensor(self.name, (N, K), K, codes, p.scale.expand(N, 1).contiguous(),
+                                   None if p.zero is None else p.zero.expand(N, 1).contiguous())
         g = self.check_group(K, group_size)
         w = w.float()
         state = self.prepare(w)
-        rows = w.reshape(N * (K // g), g)
+        Kp = -(-K // g) * g
+        if Kp != K:
+            w = torch.nn.functional.pad(w, (0, Kp - K))
+        rows = w.reshape(N * (Kp // g), g)
         p = self.fit(rows, state)
-        codes = self.encode(rows, p).reshape(N, K)
+        codes = self.encode(rows, p).reshape(N, Kp)
         stored = p.extra.get("stored")
         return QuantizedTensor(
-            self.name, (N, K), g, codes, p.scale.reshape(N, K // g),
-            None if p.zero is None else p.zero.reshape(N, K // g),
+            self.name, (N, K), g, codes, p.scale.reshape(N, Kp // g),
+            None if p.zero is None else p.zero.reshape(N, Kp // g),
             p.extra.get("tensor_scale"),
-            None if stored is None else stored.reshape(N, K // g))
+            None if stored is None else stored.reshape(N, Kp // g))
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         N, K = q.shape
         extra = {} if q.tensor_scale is None else {"tensor_scale": q.tensor_scale}
         p = GroupParams(q.scales.reshape(-1, 1), None if q.zeros is None else q.zeros.reshape(-1, 1), extra)
-        return self.decode(q.codes.reshape(-1, q.group_size), p).reshape(N, K)
+        return self.decode(q.codes.reshape(-1, q.group_size), p).reshape(N, -1)[:, :K]

@@ -1,0 +1,66 @@
+"""Weight-quantization specs, llama.cpp-style short strings: `ALGO:FORMAT[:gGROUP][:rotate][:act-order]`.
+
+    rtn:int8            round-to-nearest INT8, per output channel
+    gptq:int4:g128      GPTQ INT4, groups of 128 input features
+    gptq:mxfp4:rotate   GPTQ MXFP4 (blocks of 32) on Walsh-Hadamard-rotated weights
+    gptq:int4:g128:act-order
+
+A spec round-trips: `str(QuantSpec.parse(s)) == canonical(s)`, and that string appears in every
+report and in a quantized checkpoint's json.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALGORITHMS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    algorithm: str
+    format: str
+    group_size: int | None = None   # None: the format's default (per-channel, or its block)
+    rotate: bool = False
+    act_order: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantSpec":
+        from leanlm.formats.registry import format_names
+
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"quant spec must be a string like 'gptq:int4:g128', got {text!r}")
+        parts = text.strip().lower().split(":")
+        if len(parts) < 2:
+            raise ValueError(f"quant spec {text!r} needs ALGO:FORMAT (e.g. rtn:int8, gptq:int4:g128)")
+        algo, fmt, options = parts[0], parts[1], parts[2:]
+        if algo not in ALGORITHMS:
+            raise ValueError(f"quant algorithm {algo!r} in {text!r} is not one of {', '.join(ALGORITHMS)}")
+        if fmt not in format_names():
+            raise ValueError(f"number format {fmt!r} in {text!r} is not known; allowed: "
+                             f"{', '.join(format_names())}")
+        group, rotate, act_order = None, False, False
+        for opt in options:
+            if opt.startswith("g") and opt[1:].isdigit() and int(opt[1:]) > 0:
+                if group is not None:
+                    raise ValueError(f"quant spec {text!r} gives the group size twice")
+                group = int(opt[1:])
+            elif opt == "rotate":
+                rotate = True
+            elif opt in ("act-order", "actorder", "desc-act"):
+                act_order = True
+            else:
+                raise ValueError(f"unknown quant option {opt!r} in {text!r}; allowed: gN (group size), "
+                                 f"rotate, act-order")
+        if act_order and algo != "gptq":
+            raise ValueError(f"act-order applies to gptq only, not {algo!r} (in {text!r})")
+        return cls(algo, fmt, group, rotate, act_order)
+
+    def __str__(self) -> str:
+        parts = [self.algorithm, self.format]
+        if self.group_size is not None:
+            parts.append(f"g{self.group_size}")
+        if self.rotate:
+            parts.append("rotate")
+        if self.act_order:
+            parts.append("act-order")
+        return ":".join(parts)

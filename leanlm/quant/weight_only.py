@@ -1,0 +1,109 @@
+"""QuantMethod for weight-only quantized linear layers: any format, the fastest kernel it has.
+
+The layer is created and loaded in full precision like any other; `process_after_loading`
+quantizes it by round-to-nearest (unless an algorithm such as GPTQ already set its quantized
+weight with `set_quantized`), then picks the kernel:
+
+- symmetric INT8 per output channel -> torch's int8 weight-only matmul;
+- INT4 with groups of 32..256 (and output features a multiple of 16) -> torch's int4pack matmul;
+- every other format -> codes and scales kept, the weight dequantized into the compute dtype at
+  each call (correct, slower; the format table in docs/BENCHMARKS.md says which path is which).
+The float weight is dropped once quantized: memory holds only what the format stores.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.formats.base import GroupParams, QuantizedTensor, WeightFormat
+from leanlm.quant import kernels
+from leanlm.quant.linear import QuantMethod
+
+
+class WeightOnlyMethod(QuantMethod):
+    def __init__(self, fmt: WeightFormat, group_size: int | None = None):
+        self.fmt, self.group_size = fmt, group_size
+        self.kernel = None  # "int8", "int4" or "dequant", set when quantized
+        self.name = f"{fmt.name}" + (f":g{group_size}" if group_size else "")
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        if getattr(layer, "quantized", None) is None:
+            self.set_quantized(layer, self.fmt.quantize(layer.weight.data.float(), self.group_size))
+
+    def set_quantized(self, layer: nn.Module, q: QuantizedTensor) -> None:
+        """Install a quantized weight (from RTN, GPTQ or a checkpoint) and pick its kernel."""
+        dtype = layer.weight.dtype if getattr(layer, "weight", None) is not None else layer.compute_dtype
+        layer.compute_dtype = dtype
+        layer.quantized = q
+        N, K = q.shape
+        kdt = torch.bfloat16 if dtype == torch.float32 and q.codes.device.type == "cpu" else dtype
+        name = q.format
+        # kernel operands are buffers: they move with the module and count as its weight bytes
+        if name == "int8" and q.group_size == K and q.zeros is None:
+            w, scales = kernels.pack_int8(q.codes, q.scales.reshape(-1))
+            layer.register_buffer("int8_w", w, persistent=False)
+            layer.register_buffer("int8_scales", scales.to(kdt), persistent=False)
+            self.kernel = "int8"
+        elif (name in ("int4", "int4-sym") and q.group_size in kernels.INT4_GROUPS and N % 16 == 0
+              and q.codes.device.type == "cpu"):
+            if q.zeros is None:  # symmetric codes -7..7: shift to 1..15, no zero offset
+                codes, zeros = q.codes.to(torch.int32) + 8, torch.zeros_like(q.scales)
+            else:  # (q - z) * s = (q - 8) * s + (8 - z) * s
+                codes, zeros = q.codes.to(torch.int32), (8 - q.zeros) * q.scales
+            w, sz = kernels.pack_int4(codes, q.scales, zeros)
+            layer.register_buffer("int4_w", w, persistent=False)
+            layer.register_buffer("int4_sz", sz.to(kdt), persistent=False)
+            self.kernel = "int4"
+        else:
+            for attr in ("codes", "scales", "zeros", "tensor_scale"):
+                if getattr(q, attr) is not None:
+                    layer.register_buffer(f"q_{attr}", getattr(q, attr), persistent=False)
+            self.kernel = "dequant"
+            self.table = self._value_table(q)
+        layer.weight = None  # only the quantized form stays in memory
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int8":
+            y = kernels.int8_matmul(x, layer.int8_w, layer.int8_scales)
+        elif self.kernel == "int4":
+            q = layer.quantized
+            y = kernels.int4_matmul(x, layer.int4_w, q.group_size, layer.int4_sz, q.shape[0], q.codes.shape[1])
+        else:
+            return F.linear(x, self.dequantized(layer.quantized).to(x.dtype), layer.bias)
+        return y if layer.bias is None else y + layer.bias
+
+    def dequantized(self, q: QuantizedTensor) -> torch.Tensor:
+        """The float32 weight: through the code -> value table when the format has one (one
+        gather and a multiply), else the format's own decode."""
+        if self.table is None:
+            return self.fmt.dequantize(q)
+        N, K = q.shape
+        g = q.group_size
+        v = self.table[q.codes.long() - self.code_offset].reshape(N, -1, g)
+        if q.zeros is not None:
+            v = v - q.zeros.unsqueeze(-1)
+        v = v * q.scales.unsqueeze(-1)
+        if q.tensor_scale is not None:
+            v = v * q.tensor_scale
+        return v.reshape(N, -1)[:, :K]
+
+    table: torch.Tensor | None = None
+    code_offset = 0
+
+    def _value_table(self, q: QuantizedTensor) -> torch.Tensor | None:
+        """Values of every code at unit scale, if decoding is (table[code] - zero) * scale
+        (* tensor scale) for this format; checked against the format's decode on this weight."""
+        if q.codes.dtype not in (torch.uint8, torch.int8):
+            return None
+        lo = 0 if q.codes.dtype == torch.uint8 else -128
+        codes = torch.arange(lo, lo + 256, device=q.codes.device).to(q.codes.dtype).reshape(1, 256)
+        extra = {} if q.tensor_scale is None else {"tensor_scale": torch.ones((), device=q.codes.device)}
+        try:
+            table = self.fmt.decode(codes, GroupParams(torch.ones(1, 1, device=q.codes.device), None, extra))
+        except Exception:  # noqa: BLE001 - a format with another decode rule: use it as it is
+            return None
+        self.table, self.code_offset = table.reshape(256).float(), lo
+        if not torch.equal(self.dequantized(q), self.fmt.dequantize(q)):
+            self.table = None
+        return self.table
