@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="show the embedded model, the cache and supported architectures")
     p.set_defaults(func=cmd_models)
 
+    from leanlm.quant import cli as quant_cli
+
+    quant_cli.register(sub, add_model_args)
     from leanlm.bench import cli as bench_cli
 
     bench_cli.register(sub, add_model_args)

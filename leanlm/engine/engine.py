@@ -38,9 +38,10 @@ def weight_method_factory(config: EngineConfig):
     dtype, device, spec = config.torch_dtype, config.torch_device, config.quant_spec
     if spec is None:
         return lambda name: default_method(dtype, device)
-    if spec.algorithm != "rtn" or spec.rotate:
-        raise ValueError(f"quant spec {str(spec)!r}: only round-to-nearest ('rtn:FORMAT[:gN]') can be "
-                         f"applied at load time; GPTQ and rotation need a calibration run")
+    if spec.algorithm != "rtn":
+        raise ValueError(f"quant spec {str(spec)!r}: only round-to-nearest ('rtn:FORMAT[:gN][:rotate]') "
+                         f"is applied at load time; GPTQ needs calibration: `leanlm quantize --quant "
+                         f"{spec} -o DIR`, then load DIR")
     from leanlm.formats.registry import get_format
     from leanlm.quant.weight_only import WeightOnlyMethod
 
@@ -49,7 +50,7 @@ def weight_method_factory(config: EngineConfig):
     def method(name: str):
         if name == "lm_head" and not config.quant_head:
             return default_method(dtype, device)
-        return WeightOnlyMethod(fmt, spec.group_size)
+        return WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate)
 
     return method
 
@@ -70,8 +71,16 @@ class LLMEngine:
         if device.type == "cpu":
             tune_malloc()
         self.model_path = resolve_model(config.model)
-        self.model, self.model_config = load_model(self.model_path, dtype, device,
-                                                   method=weight_method_factory(config))
+        from leanlm.quant.checkpoint import is_quantized_checkpoint, load_quantized
+
+        if is_quantized_checkpoint(self.model_path):  # saved by save_quantized: already quantized
+            if config.quant_spec is not None:
+                raise ValueError(f"{self.model_path} is already a quantized checkpoint; drop "
+                                 f"quant={config.quant!r} (or quantize the original model instead)")
+            self.model, self.model_config = load_quantized(self.model_path, dtype, device)
+        else:
+            self.model, self.model_config = load_model(self.model_path, dtype, device,
+                                                       method=weight_method_factory(config))
         self.tokenizer = Tokenizer.from_dir(self.model_path)
         limit = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:

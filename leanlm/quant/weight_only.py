@@ -22,14 +22,32 @@ from leanlm.quant.linear import QuantMethod
 
 
 class WeightOnlyMethod(QuantMethod):
-    def __init__(self, fmt: WeightFormat, group_size: int | None = None):
-        self.fmt, self.group_size = fmt, group_size
+    """`rotate=True`: the weight is quantized in a block Walsh-Hadamard basis (W H, folded in
+    offline) and each activation is rotated the same way online (x H), so x W^T is unchanged
+    while outliers are spread across the block before quantization (MR-GPTQ / QuaRot)."""
+
+    def __init__(self, fmt: WeightFormat, group_size: int | None = None, rotate: bool = False):
+        self.fmt, self.group_size, self.rotate = fmt, group_size, rotate
+        self.rotation = None  # set per layer (the block depends on its input features)
         self.kernel = None  # "int8", "int4" or "dequant", set when quantized
-        self.name = f"{fmt.name}" + (f":g{group_size}" if group_size else "")
+        self.name = f"{fmt.name}" + (f":g{group_size}" if group_size else "") + (":rotate" if rotate else "")
+
+    def rotation_for(self, in_features: int):
+        if not self.rotate:
+            return None
+        from leanlm.quant.rotation import Rotation
+
+        if self.rotation is None:
+            self.rotation = Rotation.for_features(in_features)
+        return self.rotation
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if getattr(layer, "quantized", None) is None:
-            self.set_quantized(layer, self.fmt.quantize(layer.weight.data.float(), self.group_size))
+            w = layer.weight.data.float()
+            rotation = self.rotation_for(w.shape[1])
+            if rotation is not None:
+                w = rotation.weight(w)
+            self.set_quantized(layer, self.fmt.quantize(w, self.group_size))
 
     def set_quantized(self, layer: nn.Module, q: QuantizedTensor) -> None:
         """Install a quantized weight (from RTN, GPTQ or a checkpoint) and pick its kernel."""
@@ -64,6 +82,8 @@ class WeightOnlyMethod(QuantMethod):
         layer.weight = None  # only the quantized form stays in memory
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation.activation(x)
         if self.kernel == "int8":
             y = kernels.int8_matmul(x, layer.int8_w, layer.int8_scales)
         elif self.kernel == "int4":

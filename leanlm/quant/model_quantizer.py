@@ -1,0 +1,80 @@
+"""Quantize a loaded model's decoder, layer by layer (the GPTQ paper's procedure).
+
+The calibration sequences enter layer 0 as embeddings. For each decoder layer: run it on every
+sequence with hooks that accumulate each linear layer's Hessian H = sum x^T x, quantize its
+linear layers (GPTQ with H, or RTN), then run the *quantized* layer again to produce the next
+layer's inputs, so later layers calibrate on what they will really see.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from leanlm.formats.registry import get_format
+from leanlm.kv.cache import ContiguousKVCache, SeqSlice
+from leanlm.quant.spec import QuantSpec
+from leanlm.quant.weight_only import WeightOnlyMethod
+
+LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def _run_layer(model, layer, hidden: list[torch.Tensor], cache: ContiguousKVCache) -> list[torch.Tensor]:
+    """Each sequence [T, hidden] through one decoder layer (a full causal prefill)."""
+    out = []
+    for h in hidden:
+        row = cache.allocate(h.shape[0])
+        try:
+            positions = torch.arange(h.shape[0], device=h.device)
+            ctx = cache.prepare([SeqSlice(row, 0, h.shape[0], 0)])
+            out.append(layer(h, model.rope.tables(positions), cache, ctx))
+        finally:
+            cache.free(row)
+    return out
+
+
+@torch.inference_mode()
+def quantize_model(model, spec: QuantSpec, calib: list[list[int]] | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict:
+    """Quantize every decoder linear layer of `model` in place with `spec` (RTN needs no
+    calibration; GPTQ uses `calib`, token-id sequences). Returns timing and error statistics."""
+    from leanlm.quant.calibrate import HessianCollector
+    from leanlm.quant.gptq import gptq_quantize
+
+    fmt = get_format(spec.format)
+    cfg = model.cfg
+    device = model.embed_tokens.weight.device
+    t0 = time.perf_counter()
+    if spec.algorithm == "gptq" and not calib:
+        raise ValueError(f"{spec}: GPTQ needs calibration sequences")
+    hidden = [model.embed_tokens(torch.tensor(ids, device=device)) for ids in (calib or [])]
+    cache = ContiguousKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype, device,
+                              cfg.sliding_window)
+    for i, layer in enumerate(model.layers):
+        linears = {name: layer.get_submodule(name) for name in LINEARS}
+        hessians = {}
+        if spec.algorithm == "gptq":
+            with HessianCollector(linears) as collector:
+                _run_layer(model, layer, hidden, cache)
+            hessians = {name: collector.hessian(name) for name in linears}
+        for name, lin in linears.items():
+            w = lin.weight.data.float()
+            method = WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate)
+            rotation = method.rotation_for(w.shape[1])
+            if rotation is not None:  # quantize W H against the Hessian of x H: H^T X^T X H
+                w = rotation.weight(w)
+            if spec.algorithm == "gptq":
+                h = hessians[name]
+                if rotation is not None:
+                    h = rotation.weight(rotation.weight(h).t().contiguous())
+                q = gptq_quantize(w, h, fmt, spec.group_size, act_order=spec.act_order)
+            else:
+                q = fmt.quantize(w, spec.group_size)
+            lin.method = method
+            method.set_quantized(lin, q)
+        if hidden and i + 1 < len(model.layers):
+            hidden = _run_layer(model, layer, hidden, cache)  # through the quantized layer
+        if progress:
+            progress(f"layer {i + 1}/{len(model.layers)} quantized ({time.perf_counter() - t0:.0f} s)")
+    return {"seconds": time.perf_counter() - t0, "layers": len(model.layers), "spec": str(spec)}
