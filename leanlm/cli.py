@@ -41,13 +41,24 @@ def sampling_from_args(args, **extra):
                           seed=args.sample_seed, **extra)
 
 
-def load_llm(args):
+def resolve_model_arg(args) -> str | None:
+    """The model of a command with an optional positional MODEL as well as --model."""
+    pos = getattr(args, "model_pos", None)
+    if pos and args.model and pos != args.model:
+        raise ValueError(f"two models given: {pos!r} and --model {args.model!r}; give one")
+    return pos or args.model
+
+
+def load_llm(args, **overrides):
+    """The LLM the model flags describe; `overrides` replace or add engine options."""
     from leanlm import LLM
 
+    options = dict(model=resolve_model_arg(args), dtype=args.dtype, device=args.device, seed=args.seed,
+                   compile=getattr(args, "compile", False),
+                   kv_cache_memory=getattr(args, "kv_cache_memory", None), quant=getattr(args, "quant", None))
+    options.update(overrides)
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-              compile=getattr(args, "compile", False),
-              kv_cache_memory=getattr(args, "kv_cache_memory", None), quant=getattr(args, "quant", None))
+    llm = LLM(**options)
     print(f"[leanlm] loaded {llm.engine.model_path} ({llm.engine.config.torch_dtype}, "
           f"{llm.engine.config.torch_device}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm

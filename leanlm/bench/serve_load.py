@@ -47,26 +47,24 @@ class StreamError(Exception):
     pass
 
 
+def _positive_float(value: str, allow_inf: bool, what: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0 or math.isnan(number) or (math.isinf(number) and not allow_inf):
+        raise argparse.ArgumentTypeError(f"must be a positive number of {what}, got {value!r}")
+    return number
+
+
 def request_rate(value: str) -> float:
     """argparse type: requests per second > 0, or inf (every request at once)."""
-    try:
-        rate = float(value)
-    except ValueError:
-        rate = -1.0
-    if not rate > 0 or math.isnan(rate):
-        raise argparse.ArgumentTypeError(f"must be a positive number of requests/s or inf, got {value!r}")
-    return rate
+    return _positive_float(value, True, "requests/s or inf")
 
 
 def positive_seconds(value: str) -> float:
     """argparse type: a number of seconds > 0."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0 or math.isinf(seconds):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value!r}")
-    return seconds
+    return _positive_float(value, False, "seconds")
 
 
 def arrival_times(n: int, rate: float, seed: int) -> list[float]:

@@ -219,26 +219,17 @@ def add_parser(sub, add_model_args) -> None:
     p.set_defaults(func=cmd_throughput)
 
 
-def load_llm_for_throughput(args):
-    """As cli.load_llm, plus the batching limit and prefix caching off (see the module docstring)."""
-    from leanlm import LLM
-
-    extra = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
-    t0 = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, compile=args.compile,
-              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False, **extra)
-    print(f"[leanlm] loaded {llm.engine.model_path} ({llm.engine.config.torch_dtype}, "
-          f"{llm.engine.config.torch_device}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return llm
-
-
 def cmd_throughput(args) -> int:
     from leanlm.bench.perplexity import model_name
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     prompts, path = load_prompts(args.num_prompts, args.dataset)  # before the model: fail fast
-    llm = load_llm_for_throughput(args)
+    from leanlm.cli import load_llm
+
+    # prefix caching off: a prompt cached by one run must not speed up a baseline (module docstring)
+    extra = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
+    llm = load_llm(args, enable_prefix_caching=False, **extra)
     report = run_throughput(llm, prompts, output_len=args.output_len, max_prompt_len=args.max_prompt_len,
                             baseline=args.baseline, vs=args.vs, hf_batch_size=args.hf_batch_size,
                             baseline_prompts=args.baseline_prompts, model=model_name(args.model),

@@ -60,15 +60,13 @@ def register(sub, add_model_args) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from leanlm import LLM
+    from leanlm.cli import load_llm
     from leanlm.quant.checkpoint import save_quantized
     from leanlm.quant.model_quantizer import quantize_model
     from leanlm.quant.spec import QuantSpec
 
     if not args.quant:
         raise ValueError("--quant SPEC is required, e.g. gptq:int4:g128 or rtn:int8")
-    if args.model_pos and args.model and args.model_pos != args.model:
-        raise ValueError(f"two models given: {args.model_pos!r} and --model {args.model!r}; give one")
     spec = QuantSpec.parse(args.quant)
     for name in ("calib_sequences", "calib_len"):
         if getattr(args, name) < 1:
@@ -76,7 +74,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"output directory {str(out)!r} exists and is not empty; pass --overwrite")
-    llm = LLM(model=args.model_pos or args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    llm = load_llm(args, quant=None, compile=False)  # the float model; --quant is what we apply
     calib = None
     if spec.algorithm == "gptq":
         calib = load_calibration(llm.get_tokenizer(), args.calib, args.calib_sequences, args.calib_len, args.seed)

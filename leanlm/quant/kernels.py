@@ -18,8 +18,13 @@ import torch
 INT4_GROUPS = (32, 64, 128, 256)  # what the int4pack kernel accepts
 
 
+def kernel_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The activation dtype the packed kernels run in for a model computing in `dtype`."""
+    return torch.bfloat16 if device.type == "cpu" and dtype == torch.float32 else dtype
+
+
 def kernel_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.bfloat16 if x.device.type == "cpu" and x.dtype == torch.float32 else x.dtype
+    return kernel_dtype_for(x.dtype, x.device)
 
 
 def pack_int8(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,8 @@ class WeightOnlyMethod(QuantMethod):
         self.fmt, self.group_size, self.rotate = fmt, group_size, rotate
         self.rotation = None  # set per layer (the block depends on its input features)
         self.kernel = None  # "int8", "int4" or "dequant", set when quantized
+        self.table: torch.Tensor | None = None  # dequant path: value of each code at unit scale
+        self.code_offset = 0                    # first code of the table (-128 for int8 codes)
         self.name = f"{fmt.name}" + (f":g{group_size}" if group_size else "") + (":rotate" if rotate else "")
 
     def rotation_for(self, in_features: int):
@@ -55,7 +57,7 @@ class WeightOnlyMethod(QuantMethod):
         layer.compute_dtype = dtype
         layer.quantized = q
         N, K = q.shape
-        kdt = torch.bfloat16 if dtype == torch.float32 and q.codes.device.type == "cpu" else dtype
+        kdt = kernels.kernel_dtype_for(dtype, q.codes.device)
         name = q.format
         # kernel operands are buffers: they move with the module and count as its weight bytes
         if name == "int8" and q.group_size == K and q.zeros is None:
@@ -107,9 +109,6 @@ class WeightOnlyMethod(QuantMethod):
         if q.tensor_scale is not None:
             v = v * q.tensor_scale
         return v.reshape(N, -1)[:, :K]
-
-    table: torch.Tensor | None = None
-    code_offset = 0
 
     def _value_table(self, q: QuantizedTensor) -> torch.Tensor | None:
         """Values of every code at unit scale, if decoding is (table[code] - zero) * scale

@@ -28,18 +28,13 @@ def register(sub, add_model_args) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def resolve_model_arg(args) -> str | None:
-    if args.model_pos and args.model and args.model_pos != args.model:
-        raise ValueError(f"two models given: {args.model_pos!r} and --model {args.model!r}; give one")
-    return args.model_pos or args.model
-
-
 def cmd_serve(args) -> int:
     import signal
     import threading
 
     import uvicorn
 
+    from leanlm.cli import resolve_model_arg
     from leanlm.config import EngineConfig
     from leanlm.engine.async_engine import AsyncLLM
     from leanlm.engine.engine import LLMEngine
