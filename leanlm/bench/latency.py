@@ -71,7 +71,8 @@ def measure(targets: list, pp_prompts: list[list[int]], tg_prompt: list[int], ge
 
 
 def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repeats: int = 5,
-                vs: str | None = None, model: str = "", threads: int | None = None) -> dict:
+                vs: str | None = None, model: str = "", threads: int | None = None,
+                peer_options: dict | None = None) -> dict:
     """Measure leanlm (and a peer) and return the report dict (see `leanlm bench latency --help`)."""
     for name, v in (("prompt_len", prompt_len), ("gen_len", gen_len), ("repeats", repeats)):
         if not isinstance(v, int) or v < 1:
@@ -88,7 +89,7 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repeats: int = 5
     tg_prompt = prompt_ids(llm, TG_PROMPT_LEN, seed=0)
     targets = [LeanlmTarget(llm)]
     if vs is not None:
-        targets.append(make_peer(vs, llm))
+        targets.append(make_peer(vs, llm, **(peer_options or {})))
     runs = measure(targets, pp_prompts, tg_prompt, gen_len, repeats)
 
     pp, tg = f"pp{prompt_len}", f"tg{gen_len}"
@@ -111,6 +112,11 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repeats: int = 5
         report["peer"] = {"name": vs, f"{pp}_tps": statistics.median(theirs["pp"]),
                           f"{tg}_tps": statistics.median(theirs["tg"]),
                           f"{pp}_runs": theirs["pp"], f"{tg}_runs": theirs["tg"]}
+        peer = targets[-1]
+        if getattr(peer, "gguf_path", None):
+            report["peer"].update(gguf=peer.gguf_path, gguf_type=peer.gguf_type, version=peer.version,
+                                  weight_bytes=peer.weight_bytes,
+                                  bandwidth_gbs=peer.weight_bytes * report["peer"][f"{tg}_tps"] / 1e9)
         report[f"ratio_{pp}"] = report[f"{pp}_tps"] / report["peer"][f"{pp}_tps"]
         report[f"ratio_{tg}"] = report[f"{tg}_tps"] / report["peer"][f"{tg}_tps"]
     return report
@@ -155,11 +161,14 @@ def print_report(report: dict) -> None:
     print(f"{tg} weight-read bandwidth: {report['bandwidth_gbs']:.1f} GB/s "
           f"({human_bytes(report['weight_bytes'])} of linear + LM-head weights per token "
           f"x {report[f'{tg}_tps']:.2f} tok/s)")
+    if peer and peer.get("bandwidth_gbs") is not None:
+        print(f"{peer['name']} ({peer['gguf_type']} GGUF, llama-cpp-python {peer['version']}): "
+              f"{peer['bandwidth_gbs']:.1f} GB/s ({human_bytes(peer['weight_bytes'])} of matrices per token)")
 
 
 def add_parser(sub, add_model_args) -> None:
     p = sub.add_parser(
-        "latency", help="llama-bench style pp/tg tokens/s at batch 1, optionally vs transformers",
+        "latency", help="llama-bench style pp/tg tokens/s at batch 1, optionally vs transformers or llama.cpp",
         description="Prompt processing (pp<P>: prefill of a P-token pseudo-random prompt, max_tokens=1) "
                     "and text generation (tg<G>: G greedy tokens with EOS ignored, decode steps only) "
                     "in tokens/s at batch 1: one warm-up, then --repeats runs; prints median and "
@@ -171,7 +180,14 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--gen-len", type=positive_int, default=128, help="tg row generated tokens (default 128)")
     p.add_argument("--vs", choices=PEERS, default=None,
                    help="also time a peer engine on the same checkpoint, dtype and prompts, and print "
-                        "leanlm/peer ratios (allowed: hf = transformers)")
+                        "leanlm/peer ratios (hf = transformers on the same checkpoint; llama.cpp = "
+                        "llama-cpp-python on a GGUF of the same weights, the type matching --quant / "
+                        "--dtype: int8 -> Q8_0, int4 -> Q4_1, float32 -> F32, bfloat16 -> BF16)")
+    p.add_argument("--peer-gguf", default=None, metavar="FILE",
+                   help="with --vs llama.cpp: run this GGUF instead of re-encoding the model's")
+    p.add_argument("--peer-gguf-type", default=None, metavar="TYPE",
+                   help="with --vs llama.cpp: the GGUF type to re-encode the model's weights to "
+                        "(Q8_0, Q4_0, Q4_1, F16, BF16, F32; default: matched as above)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for every engine (default: torch's current setting)")
     p.add_argument("--json", default=None, metavar="PATH",
@@ -180,15 +196,33 @@ def add_parser(sub, add_model_args) -> None:
     p.set_defaults(func=cmd_latency)
 
 
+def source_gguf(model: str | None):
+    """The GGUF file a model argument stands for (the embedded model's for none or its alias), or None."""
+    from pathlib import Path
+
+    from leanlm.models.embedded import EMBEDDED_ALIAS, embedded_gguf_path
+
+    if model in (None, EMBEDDED_ALIAS):
+        return embedded_gguf_path()
+    return Path(model) if str(model).endswith(".gguf") else None
+
+
 def cmd_latency(args) -> int:
     from leanlm.bench.perplexity import model_name
     from leanlm.cli import load_llm
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if (args.peer_gguf or args.peer_gguf_type) and args.vs != "llama.cpp":
+        raise ValueError("--peer-gguf and --peer-gguf-type go with --vs llama.cpp")
     llm = load_llm(args)
+    peer_options = None
+    if args.vs == "llama.cpp":
+        peer_options = {"source_gguf": source_gguf(args.model), "gguf_type": args.peer_gguf_type,
+                        "peer_gguf": args.peer_gguf}
     report = run_latency(llm, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
-                         vs=args.vs, model=model_name(args.model), threads=torch.get_num_threads())
+                         vs=args.vs, model=model_name(args.model), threads=torch.get_num_threads(),
+                         peer_options=peer_options)
     print_report(report)
     if args.json:
         write_json(args.json, report)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-PEERS = ("hf",)
+PEERS = ("hf", "llama.cpp")
 
 
 def _sync(device: torch.device) -> None:
@@ -138,9 +138,113 @@ def _Stamps():
     return Stamps()
 
 
-def make_peer(name: str, llm):
-    """The peer `name` loaded with the checkpoint, dtype and device of `llm`."""
+class LlamaCppPeer:
+    """llama.cpp through llama-cpp-python (the optional `peers` extra) on a GGUF of the same weights,
+    with the same thread count; greedy decoding with EOS ignored, as leanlm is timed.
+
+    Loaded with `use_extra_bufts = False`: on CPUs with AMX, llama.cpp's AMX / repack buffers crash
+    the first decode of Q4_1 and Q8_0 models (llama.cpp issue #20824), and llama-cpp-python has no
+    argument for it, so its default-params function is wrapped for the duration of the load."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path, threads: int, n_ctx: int = 2048):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ValueError("--vs llama.cpp needs llama-cpp-python: pip install 'leanlm[peers]' "
+                             "(it compiles llama.cpp; a C++ compiler and cmake are needed)") from None
+        self.gguf_path = str(gguf_path)
+        low = llama_cpp.llama_cpp
+        original = low.llama_model_default_params
+
+        def params_without_extra_bufts():
+            params = original()
+            if hasattr(params, "use_extra_bufts"):
+                params.use_extra_bufts = False
+            return params
+
+        low.llama_model_default_params = params_without_extra_bufts
+        llama_cpp.llama_model_default_params = params_without_extra_bufts
+        try:
+            self.model = llama_cpp.Llama(self.gguf_path, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
+                                         n_threads=threads, n_threads_batch=threads,
+                                         logits_all=False, verbose=False)
+        finally:
+            low.llama_model_default_params = original
+            llama_cpp.llama_model_default_params = original
+        self.version = getattr(llama_cpp, "__version__", "?")
+        import gguf
+
+        reader = gguf.GGUFReader(self.gguf_path)
+        # bytes read per decoded token: every matrix (the tied embedding is the LM head too)
+        self.weight_bytes = sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) >= 2)
+        types = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors
+                 if len(t.shape) >= 2 and t.name != "token_embd.weight"}
+        self.gguf_type = "+".join(sorted(types))
+
+    def prefill_seconds(self, ids: list[int]) -> float:
+        self.model.reset()
+        t0 = time.perf_counter()
+        self.model.eval(list(ids))
+        return time.perf_counter() - t0
+
+    def decode_tps(self, ids: list[int], n: int) -> float:
+        self.model.reset()
+        times: list[float] = []
+        for _ in self.model.generate(list(ids), top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                                     repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == n + 1:
+                break
+        return n / (times[-1] - times[0])
+
+
+# leanlm's quantization or dtype -> the GGUF type llama.cpp runs for the same comparison
+PEER_GGUF_TYPES = {"int8": "Q8_0", "int4": "Q4_1", "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def peer_gguf_for(llm, source_gguf, gguf_type: str | None = None) -> "Path":
+    """The GGUF llama.cpp runs: `source_gguf` re-encoded as `gguf_type` (by default the type that
+    matches leanlm's quantization or dtype, see PEER_GGUF_TYPES), cached next to the embedded
+    model's checkpoint so the conversion happens once."""
+    from pathlib import Path
+
+    from leanlm.models.embedded import cache_root, file_fingerprint
+    from leanlm.models.gguf_requant import TARGET_TYPES, requantize_gguf
+
+    if source_gguf is None:
+        raise ValueError("--vs llama.cpp needs the model as a GGUF file (the embedded model, or "
+                         "--model FILE.gguf), or --peer-gguf FILE.gguf")
+    source = Path(source_gguf)
+    if gguf_type is None:
+        spec = llm.engine.config.quant_spec
+        key = spec.format if spec is not None else str(llm.engine.config.torch_dtype).removeprefix("torch.")
+        gguf_type = PEER_GGUF_TYPES.get(key)
+        if gguf_type is None:
+            raise ValueError(f"no llama.cpp type matches {key!r}; pass --peer-gguf-type "
+                             f"({', '.join(TARGET_TYPES)}) or --peer-gguf FILE")
+    import gguf
+
+    current = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(str(source)).tensors
+               if len(t.shape) >= 2 and t.name != "token_embd.weight"}
+    if current == {gguf_type}:
+        return source
+    out = cache_root() / "gguf" / f"{file_fingerprint(source)}.{gguf_type}.gguf"
+    if not out.is_file():
+        requantize_gguf(source, out, gguf_type)
+    return out
+
+
+def make_peer(name: str, llm, source_gguf=None, gguf_type: str | None = None, peer_gguf=None):
+    """The peer `name` loaded with the checkpoint, dtype and device of `llm` (llama.cpp: a GGUF of
+    the same weights, `peer_gguf` or `source_gguf` re-encoded, same thread count)."""
     if name not in PEERS:
         raise ValueError(f"unknown peer {name!r}; allowed: {', '.join(PEERS)}")
     cfg = llm.engine.config
+    if name == "llama.cpp":
+        if cfg.torch_device.type != "cpu":
+            raise ValueError("--vs llama.cpp compares on the CPU; run leanlm with --device cpu")
+        path = peer_gguf if peer_gguf is not None else peer_gguf_for(llm, source_gguf, gguf_type)
+        return LlamaCppPeer(path, threads=torch.get_num_threads())
     return HFPeer(llm.engine.model_path, cfg.torch_dtype, cfg.torch_device)

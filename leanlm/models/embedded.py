@@ -44,7 +44,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm").expanduser()
 
 
-def _fingerprint(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
     """Cache key from name, size and the first and last MiB: cheap, yet a replaced file of the
     same name (another quantization, a re-download) gets a fresh key."""
     size = path.stat().st_size
@@ -81,7 +81,7 @@ def _file_lock(lock_path: Path):
 def gguf_to_cached_checkpoint(gguf_path: str | os.PathLike) -> Path:
     """The HF checkpoint directory converted from `gguf_path`, converting it on first use only."""
     gguf_path = Path(gguf_path)
-    target = cache_root() / "gguf" / _fingerprint(gguf_path)
+    target = cache_root() / "gguf" / file_fingerprint(gguf_path)
     if _is_checkpoint(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

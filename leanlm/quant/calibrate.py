@@ -8,9 +8,13 @@ and T to the running totals; nothing about the model changes and the outputs are
             layer(hidden, ...)
     H, tokens = hc.hessian("q_proj"), hc.tokens["q_proj"]
 
-or in one call, for one decoder layer given a function that runs it on its calibration inputs:
-
-    stats = collect(layer, ["self_attn.q_proj", "mlp.down_proj"], lambda: run_layer(layer, xs))
+`first_token_weight` counts the first token of each input (one calibration sequence per call)
+as that many tokens. Layer-by-layer quantization gives it to the attention input projection:
+the first token is the attention sink, whose key and value every later query reads, so an
+error there costs once per reader, not once. Unweighted, GPTQ minimises the total error by
+moving it into the sink's rare direction (massive-activation channels) and the model breaks
+(SmolLM2 INT4 g128: GPTQ on q/k/v alone took WikiText ppl from 31.9 with RTN to 36.3; with the
+sink counted 128x, to 29.4 — docs/BENCHMARKS.md).
 
 The raw sum is kept (not the mean, nor the reference's 2/T scaling): GPTQ's result does not
 depend on H's scale because its dampening is relative to mean(diag H). Layer-by-layer model
@@ -25,8 +29,9 @@ from torch import nn
 class HessianCollector:
     """Accumulates X^T X and the token count of the inputs of named modules while attached."""
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, modules: dict[str, nn.Module], first_token_weight: dict[str, float] | None = None):
         self.modules = dict(modules)
+        self.first_token_weight = dict(first_token_weight or {})
         self.H: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {name: 0 for name in self.modules}
         self._handles = []
@@ -54,6 +59,9 @@ class HessianCollector:
         if name not in self.H:
             self.H[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
         self.H[name].addmm_(x.T, x)
+        w0 = self.first_token_weight.get(name, 1.0)
+        if w0 != 1.0 and x.shape[0] > 1:
+            self.H[name].addmm_(x[:1].T, x[:1], alpha=w0 - 1.0)
         self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
 
     def hessian(self, name: str) -> torch.Tensor:
@@ -68,10 +76,12 @@ class HessianCollector:
         return hook
 
 
-def collect(layer: nn.Module, linear_names: list[str], run_fn) -> dict[str, tuple[torch.Tensor, int]]:
+
+def collect(layer: nn.Module, linear_names: list[str], run_fn,
+            first_token_weight: dict[str, float] | None = None) -> dict[str, tuple[torch.Tensor, int]]:
     """Run `run_fn()` (which pushes calibration inputs through `layer`) with hooks on the
     sub-modules `linear_names` (dotted paths inside `layer`); returns name -> (H, tokens)."""
-    hc = HessianCollector({n: layer.get_submodule(n) for n in linear_names})
+    hc = HessianCollector({n: layer.get_submodule(n) for n in linear_names}, first_token_weight)
     with hc, torch.no_grad():
         run_fn()
     return {n: (hc.hessian(n), hc.tokens[n]) for n in linear_names}

@@ -102,3 +102,103 @@ def test_noisy_runs_are_flagged(capsys):
     assert "warning" not in capsys.readouterr().err
     print_report({**base, "tg2_runs": [5.0, 1.0, 5.2]})
     assert "leanlm tg2" in capsys.readouterr().err
+
+
+# --- the llama.cpp peer -------------------------------------------------------------------------
+# CI does not compile llama.cpp, so these tests run the peer against a stand-in module with the
+# llama-cpp-python surface the peer uses; docs/BENCHMARKS.md has the real runs.
+
+def _fake_llama_cpp(monkeypatch, loads: list):
+    import sys
+    import types
+
+    class ModelParams:  # llama.cpp's default: extra (AMX / repack) buffer types on
+        use_extra_bufts = True
+
+    low = types.SimpleNamespace(llama_model_default_params=ModelParams)
+
+    class Llama:
+        def __init__(self, path, **kwargs):
+            # as llama-cpp-python does: the model params come from the low-level default
+            loads.append(dict(kwargs, path=path, params=low.llama_model_default_params()))
+
+        def reset(self):
+            pass
+
+        def eval(self, ids):
+            assert len(ids) > 0
+
+        def generate(self, ids, **kwargs):
+            assert kwargs["temp"] == 0.0 and kwargs["top_k"] == 1
+            while True:
+                yield 7
+
+    module = types.ModuleType("llama_cpp")
+    module.llama_cpp, module.Llama, module.__version__ = low, Llama, "stand-in"
+    module.llama_model_default_params = low.llama_model_default_params
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+    return low, ModelParams
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_file(tmp_path_factory):
+    from tests.models.test_gguf import tiny_model, write_gguf
+
+    path = tmp_path_factory.mktemp("peer") / "tiny.gguf"
+    write_gguf(path, tiny_model("llama"))
+    return path
+
+
+def test_llama_cpp_peer_loads_without_extra_buffers_and_reports_its_gguf(llm, tiny_gguf_file, monkeypatch):
+    loads = []
+    low, original = _fake_llama_cpp(monkeypatch, loads)
+    r = run_latency(llm, prompt_len=10, gen_len=3, repeats=2, model="tiny", vs="llama.cpp",
+                    peer_options={"peer_gguf": tiny_gguf_file})
+    assert len(loads) == 1 and loads[0]["path"] == str(tiny_gguf_file)
+    assert loads[0]["params"].use_extra_bufts is False              # the AMX crash workaround
+    assert low.llama_model_default_params is original               # and only during the load
+    assert loads[0]["n_threads"] == loads[0]["n_threads_batch"] == torch.get_num_threads()
+    peer = r["peer"]
+    assert peer["name"] == "llama.cpp" and peer["gguf"] == str(tiny_gguf_file) and peer["gguf_type"] == "F32"
+    assert peer["version"] == "stand-in" and len(peer["tg3_runs"]) == 2
+    assert r["ratio_tg3"] == pytest.approx(r["tg3_tps"] / peer["tg3_tps"])
+    assert peer["bandwidth_gbs"] == pytest.approx(peer["weight_bytes"] * peer["tg3_tps"] / 1e9)
+    import gguf
+
+    matrices = [t for t in gguf.GGUFReader(str(tiny_gguf_file)).tensors if len(t.shape) >= 2]
+    assert peer["weight_bytes"] == 4 * sum(int(t.shape.prod()) for t in matrices)  # F32 file
+
+
+def test_llama_cpp_peer_gguf_matches_leanlm_quantization(tiny_gguf_file, tmp_path, monkeypatch):
+    import gguf
+
+    from leanlm.bench.peers import peer_gguf_for
+
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
+    plain = LLM(str(tiny_gguf_file), dtype="float32")
+    assert peer_gguf_for(plain, tiny_gguf_file) == tiny_gguf_file   # F32 file, float32 run: as is
+    int8 = LLM(str(tiny_gguf_file), dtype="float32", quant="rtn:int8")
+    q8 = peer_gguf_for(int8, tiny_gguf_file)
+    assert q8.parent == tmp_path / "cache" / "gguf" and q8.name.endswith(".Q8_0.gguf")
+    types = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(str(q8)).tensors
+             if len(t.shape) >= 2 and t.name != "token_embd.weight"}
+    assert types == {"Q8_0"}
+    stamp = q8.stat().st_mtime_ns
+    assert peer_gguf_for(int8, tiny_gguf_file) == q8 and q8.stat().st_mtime_ns == stamp  # converted once
+    assert peer_gguf_for(int8, tiny_gguf_file, "Q4_1").name.endswith(".Q4_1.gguf")
+    with pytest.raises(ValueError, match="GGUF file"):
+        peer_gguf_for(int8, None)
+    nf4 = LLM(str(tiny_gguf_file), dtype="float32", quant="rtn:nf4:g32")
+    with pytest.raises(ValueError, match="no llama.cpp type matches 'nf4'"):
+        peer_gguf_for(nf4, tiny_gguf_file)
+
+
+def test_llama_cpp_peer_missing_is_a_clear_error(llm, tiny_gguf_file, monkeypatch, tiny_model_dir, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ValueError, match=r"leanlm\[peers\]"):
+        run_latency(llm, prompt_len=10, gen_len=3, repeats=1, vs="llama.cpp",
+                    peer_options={"peer_gguf": tiny_gguf_file})
+    assert main(["bench", "latency", "--model", str(tiny_model_dir("llama")), "--peer-gguf", "x.gguf"]) == 2
+    assert "--peer-gguf and --peer-gguf-type go with --vs llama.cpp" in capsys.readouterr().err

@@ -461,7 +461,7 @@ def test_cache_race_loser_uses_the_winners_checkpoint(tmp_path, tiny_gguf, monke
     monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
     winner = tmp_path / "winner"
     convert_gguf_to_hf(tiny_gguf, winner)
-    target = embedded.cache_root() / "gguf" / embedded._fingerprint(tiny_gguf)
+    target = embedded.cache_root() / "gguf" / embedded.file_fingerprint(tiny_gguf)
     real_save = lg.save_file
 
     def other_process_finishes_first(tensors, filename, metadata=None):
@@ -624,3 +624,45 @@ def test_cache_root_honours_env(monkeypatch, tmp_path):
     assert embedded.cache_root() == tmp_path
     monkeypatch.delenv("LEANLM_CACHE")
     assert embedded.cache_root() == Path.home() / ".cache" / "leanlm"
+
+
+def test_requantized_gguf_keeps_metadata_and_reencodes_matrices(tmp_path, tiny_gguf):
+    from gguf import GGUFReader
+
+    from leanlm.models.gguf import read_gguf
+    from leanlm.models.gguf_requant import requantize_gguf
+
+    out = requantize_gguf(tiny_gguf, tmp_path / "q8.gguf", "Q8_0")
+    src, dst = GGUFReader(str(tiny_gguf)), GGUFReader(str(out))
+    assert {k: f.contents() for k, f in src.fields.items() if not k.startswith("GGUF.") and k != "general.file_type"} \
+        == {k: f.contents() for k, f in dst.fields.items() if not k.startswith("GGUF.") and k != "general.file_type"}
+    types = {t.name: Q(t.tensor_type) for t in dst.tensors}
+    assert all(types[t.name] == (Q.Q8_0 if len(t.shape) >= 2 and t.name != "token_embd.weight" else Q(t.tensor_type))
+               for t in src.tensors)
+    assert types["blk.0.ffn_down.weight"] == Q.Q8_0
+    from gguf.quants import dequantize
+
+    requantized = {t.name: dequantize(t.data, t.tensor_type) for t in dst.tensors}
+    for t in src.tensors:
+        w = dequantize(t.data, t.tensor_type)
+        # Q8_0: one f16 scale per 32 values, |error| <= scale / 2 = absmax / 254 (+ f16 rounding)
+        bound = np.abs(w).max() / 254 * 1.01 + 1e-6
+        assert np.abs(requantized[t.name] - w).max() <= bound, t.name
+    assert read_gguf(out).architecture == "llama"  # and leanlm reads it
+
+
+def test_requantize_refuses_unknown_type_and_leaves_nothing_behind(tmp_path, tiny_gguf, monkeypatch):
+    import gguf
+
+    from leanlm.models.gguf_requant import requantize_gguf
+
+    with pytest.raises(ValueError, match="Q5_K.*allowed: Q8_0"):
+        requantize_gguf(tiny_gguf, tmp_path / "x.gguf", "Q5_K")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(gguf.quants, "quantize", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        requantize_gguf(tiny_gguf, tmp_path / "y.gguf", "Q4_0")
+    assert list(tmp_path.iterdir()) == []

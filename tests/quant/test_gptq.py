@@ -172,3 +172,23 @@ def test_hessian_collector_matches_direct():
     with pytest.raises(KeyError):
         hc.hessian("up")
     assert not block["up"]._forward_pre_hooks
+
+
+def test_first_token_weight_counts_each_inputs_first_token_that_many_times():
+    """The attention-sink weighting: the first token of every input (one calibration sequence
+    per call) enters H w times, against a float64 reference; other modules are unweighted."""
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"qkv": nn.Linear(12, 6), "o": nn.Linear(12, 6)})
+    xs = [torch.randn(7, 12), torch.randn(5, 12)]
+
+    def run():
+        for x in xs:
+            block["qkv"](x)
+            block["o"](x)
+
+    stats = collect(block, ["qkv", "o"], run, first_token_weight={"qkv": 64.0})
+    ref = sum(x.double().T @ x.double() + 63.0 * x[:1].double().T @ x[:1].double() for x in xs)
+    plain = sum(x.double().T @ x.double() for x in xs)
+    torch.testing.assert_close(stats["qkv"][0].double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats["o"][0].double(), plain, rtol=1e-5, atol=1e-4)
+    assert stats["qkv"][1] == stats["o"][1] == 12  # token counts stay the real ones

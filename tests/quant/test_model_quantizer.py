@@ -116,3 +116,20 @@ def test_gptq_in_the_rotated_basis_uses_the_rotated_hessian():
         return (Xr @ fmt.dequantize(q).t() - ref).norm().item()
 
     assert err(gptq_quantize(Wr, Hr, fmt, None)) < 0.9 * err(fmt.quantize(Wr))
+
+
+def test_gptq_counts_the_attention_sink_in_the_qkv_hessian_only(tiny_model_dir, monkeypatch):
+    import leanlm.quant.calibrate as calibrate
+    from leanlm.quant.model_quantizer import SINK_WEIGHT_PER_TOKEN
+
+    seen = []
+
+    class Recording(calibrate.HessianCollector):
+        def __init__(self, modules, first_token_weight=None):
+            seen.append(dict(first_token_weight or {}))
+            super().__init__(modules, first_token_weight)
+
+    monkeypatch.setattr(calibrate, "HessianCollector", Recording)
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32")
+    quantize_model(llm.engine.model, QuantSpec.parse("gptq:int4:g32"), random_seqs(3, 40, seed=1))
+    assert seen == [{"self_attn.qkv_proj": SINK_WEIGHT_PER_TOKEN * 40}] * llm.engine.model_config.num_layers
