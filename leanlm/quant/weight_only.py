@@ -6,6 +6,7 @@ weight with `set_quantized`), then picks the kernel:
 
 - symmetric INT8 per output channel -> torch's int8 weight-only matmul;
 - INT4 with groups of 32..256 (and output features a multiple of 16) -> torch's int4pack matmul;
+- (both only on the CPU: torch has no CUDA build of these two kernels)
 - every other format -> codes and scales kept, the weight dequantized into the compute dtype at
   each call (correct, slower; the format table in docs/BENCHMARKS.md says which path is which).
 The float weight is dropped once quantized: memory holds only what the format stores.
@@ -60,7 +61,8 @@ class WeightOnlyMethod(QuantMethod):
         kdt = kernels.kernel_dtype_for(dtype, q.codes.device)
         name = q.format
         # kernel operands are buffers: they move with the module and count as its weight bytes
-        if name == "int8" and q.group_size == K and q.zeros is None:
+        # torch ships both packed kernels for the CPU only; on CUDA every format dequantizes
+        if name == "int8" and q.group_size == K and q.zeros is None and q.codes.device.type == "cpu":
             w, scales = kernels.pack_int8(q.codes, q.scales.reshape(-1))
             layer.register_buffer("int8_w", w, persistent=False)
             layer.register_buffer("int8_scales", scales.to(kdt), persistent=False)
