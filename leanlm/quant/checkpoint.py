@@ -286,7 +286,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype, device: torch.de
 
             if rot.get("kind") != "hadamard":
                 raise ValueError(f"{name}: rotation {rot!r} is not supported (expected hadamard)")
-            m = WeightOnlyMethod(fmt, spec.group_size, rotate=True)
+            m = WeightOnlyMethod(fmt, spec.group_size, rotate=True, rotate_block=spec.rotate_block)
             m.rotation = Rotation(int(rot["block"]))  # the block the codes were made with
             return m
         return default_method(dtype, device)

@@ -66,7 +66,7 @@ def quantize_model(model, spec: QuantSpec, calib: list[list[int]] | None = None,
             hessians = {name: collector.hessian(name) for name in linears}
         for name, lin in linears.items():
             w = lin.weight.data.float()
-            method = WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate)
+            method = WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate, rotate_block=spec.rotate_block)
             rotation = method.rotation_for(w.shape[1])
             if rotation is not None:  # quantize W H against the Hessian of x H: H^T X^T X H
                 w = rotation.weight(w)

@@ -29,7 +29,7 @@ import torch
 MIN_BLOCK = 16  # below this a block spreads an outlier too little to be worth a rotation
 
 
-def _is_power_of_two(n: object) -> bool:
+def is_power_of_two(n: object) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
 
 
@@ -37,7 +37,7 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, device=None) -> 
     """The normalized n x n Sylvester Hadamard matrix, H_2n = [[H, H], [H, -H]] / sqrt(2).
 
     Dense reference for tests and for building explicit rotation matrices; `fwht` never uses it."""
-    if not _is_power_of_two(n):
+    if not is_power_of_two(n):
         raise ValueError(f"Hadamard size must be a power of two, got {n!r}")
     h = torch.ones(1, 1, dtype=dtype, device=device)
     while h.shape[0] < n:
@@ -53,7 +53,7 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     own dtype; float16 / bfloat16 are computed in float32 (log2(block) rounding steps in a half
     type would lose ~log2(block) bits of a 10- or 7-bit mantissa) and cast back. The result has
     x's dtype and shape."""
-    if not _is_power_of_two(block):
+    if not is_power_of_two(block):
         raise ValueError(f"Hadamard block must be a power of two, got {block!r}")
     if x.dim() == 0 or x.shape[-1] % block:
         size = "a scalar" if x.dim() == 0 else f"last dim {x.shape[-1]}"
@@ -80,7 +80,7 @@ def pick_block(K: int, requested: int = 128) -> int:
     """The Hadamard block for K input features: `requested` if it divides K, else the largest
     power of two >= MIN_BLOCK that divides K (necessarily smaller than `requested`), else a
     ValueError. E.g. K=576 (9*64): 128 -> 64; K=1536 (12*128): 128 -> 128."""
-    if not _is_power_of_two(requested) or requested < MIN_BLOCK:
+    if not is_power_of_two(requested) or requested < MIN_BLOCK:
         raise ValueError(f"requested Hadamard block must be a power of two >= {MIN_BLOCK}, "
                          f"got {requested!r}")
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
@@ -114,7 +114,7 @@ class Rotation:
     block: int
 
     def __post_init__(self):
-        if not _is_power_of_two(self.block):
+        if not is_power_of_two(self.block):
             raise ValueError(f"Hadamard block must be a power of two, got {self.block!r}")
 
     @classmethod

@@ -3,6 +3,8 @@
     rtn:int8            round-to-nearest INT8, per output channel
     gptq:int4:g128      GPTQ INT4, groups of 128 input features
     gptq:mxfp4:rotate   GPTQ MXFP4 (blocks of 32) on Walsh-Hadamard-rotated weights
+    gptq:mxfp4:rotate32 the same with Hadamard blocks of 32 (16/32/64/128...; plain `rotate`:
+                        128, or the largest power of two dividing the input features)
     gptq:int4:g128:act-order
 
 A spec round-trips: `str(QuantSpec.parse(s)) == canonical(s)`, and that string appears in every
@@ -22,6 +24,7 @@ class QuantSpec:
     group_size: int | None = None   # None: the format's default (per-channel, or its block)
     rotate: bool = False
     act_order: bool = False
+    rotate_block: int | None = None  # None: the default block (see quant/rotation.pick_block)
 
     @classmethod
     def parse(cls, text: str) -> "QuantSpec":
@@ -38,7 +41,7 @@ class QuantSpec:
         if fmt not in format_names():
             raise ValueError(f"number format {fmt!r} in {text!r} is not known; allowed: "
                              f"{', '.join(format_names())}")
-        group, rotate, act_order = None, False, False
+        group, rotate, act_order, block = None, False, False, None
         for opt in options:
             if opt.startswith("g") and opt[1:].isdigit() and int(opt[1:]) > 0:
                 if group is not None:
@@ -46,21 +49,28 @@ class QuantSpec:
                 group = int(opt[1:])
             elif opt == "rotate":
                 rotate = True
+            elif opt.startswith("rotate") and opt[6:].isdigit():
+                from leanlm.quant.rotation import MIN_BLOCK, is_power_of_two
+
+                block = int(opt[6:])
+                if not is_power_of_two(block) or block < MIN_BLOCK:
+                    raise ValueError(f"Hadamard block {block} in {text!r} must be a power of two >= {MIN_BLOCK}")
+                rotate = True
             elif opt in ("act-order", "actorder", "desc-act"):
                 act_order = True
             else:
                 raise ValueError(f"unknown quant option {opt!r} in {text!r}; allowed: gN (group size), "
-                                 f"rotate, act-order")
+                                 f"rotate or rotateN (Hadamard block N), act-order")
         if act_order and algo != "gptq":
             raise ValueError(f"act-order applies to gptq only, not {algo!r} (in {text!r})")
-        return cls(algo, fmt, group, rotate, act_order)
+        return cls(algo, fmt, group, rotate, act_order, block)
 
     def __str__(self) -> str:
         parts = [self.algorithm, self.format]
         if self.group_size is not None:
             parts.append(f"g{self.group_size}")
         if self.rotate:
-            parts.append("rotate")
+            parts.append("rotate" if self.rotate_block is None else f"rotate{self.rotate_block}")
         if self.act_order:
             parts.append("act-order")
         return ":".join(parts)

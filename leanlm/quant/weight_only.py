@@ -27,13 +27,15 @@ class WeightOnlyMethod(QuantMethod):
     offline) and each activation is rotated the same way online (x H), so x W^T is unchanged
     while outliers are spread across the block before quantization (MR-GPTQ / QuaRot)."""
 
-    def __init__(self, fmt: WeightFormat, group_size: int | None = None, rotate: bool = False):
+    def __init__(self, fmt: WeightFormat, group_size: int | None = None, rotate: bool = False,
+                 rotate_block: int | None = None):
         self.fmt, self.group_size, self.rotate = fmt, group_size, rotate
+        self.rotate_block = rotate_block  # requested Hadamard block; None: rotation.pick_block's default
         self.rotation = None  # set per layer (the block depends on its input features)
         self.kernel = None  # "int8", "int4" or "dequant", set when quantized
         self.table: torch.Tensor | None = None  # dequant path: value of each code at unit scale
         self.code_offset = 0                    # first code of the table (-128 for int8 codes)
-        self.name = f"{fmt.name}" + (f":g{group_size}" if group_size else "") + (":rotate" if rotate else "")
+        self.name = f"{fmt.name}" + (f":g{group_size}" if group_size else "") + ((":rotate" if rotate_block is None else f":rotate{rotate_block}") if rotate else "")
 
     def rotation_for(self, in_features: int):
         if not self.rotate:
@@ -41,7 +43,8 @@ class WeightOnlyMethod(QuantMethod):
         from leanlm.quant.rotation import Rotation
 
         if self.rotation is None:
-            self.rotation = Rotation.for_features(in_features)
+            self.rotation = (Rotation.for_features(in_features) if self.rotate_block is None
+                             else Rotation.for_features(in_features, self.rotate_block))
         return self.rotation
 
     def process_after_loading(self, layer: nn.Module) -> None:

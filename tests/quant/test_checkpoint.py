@@ -43,7 +43,7 @@ def saved_int4(tiny_model_dir, tmp_path_factory):
     ("rtn:int8", {}), ("rtn:int4:g32", {}), ("rtn:int4-sym:g64", {}), ("rtn:int3:g32", {}),
     ("rtn:nvfp4", {}), ("rtn:mxfp4", {}), ("rtn:ternary", {}), ("rtn:ternary-b3:g32", {}),
     ("rtn:bfp4", {}), ("rtn:fp8-e4m3:g32", {}), ("rtn:int4:g32", {"quant_head": True}),
-    ("rtn:mxfp4:rotate", {}), ("rtn:int4:g32:rotate", {})])
+    ("rtn:mxfp4:rotate", {}), ("rtn:int4:g32:rotate", {}), ("rtn:mxfp4:rotate16", {})])
 def test_round_trip_is_exact_and_sized_by_bits_per_weight(tiny_model_dir, tmp_path, quant, kwargs):
     src, out = tiny_model_dir("llama"), tmp_path / "q"
     mem = quantize_and_save(src, out, quant, **kwargs)

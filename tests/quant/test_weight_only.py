@@ -13,7 +13,7 @@ from leanlm.quant.weight_only import WeightOnlyMethod
 @pytest.mark.parametrize("text, canonical", [
     ("rtn:int8", "rtn:int8"), ("GPTQ:int4:g128", "gptq:int4:g128"),
     ("gptq:mxfp4:rotate", "gptq:mxfp4:rotate"), ("gptq:int4:act-order:g64", "gptq:int4:g64:act-order"),
-    ("rtn:nvfp4", "rtn:nvfp4")])
+    ("rtn:nvfp4", "rtn:nvfp4"), ("gptq:mxfp4:rotate32", "gptq:mxfp4:rotate32")])
 def test_spec_round_trips(text, canonical):
     spec = QuantSpec.parse(text)
     assert str(spec) == canonical and QuantSpec.parse(str(spec)) == spec
@@ -22,7 +22,8 @@ def test_spec_round_trips(text, canonical):
 @pytest.mark.parametrize("bad, match", [
     ("int8", "ALGO:FORMAT"), ("awq:int4", "algorithm 'awq'"), ("rtn:int5x", "number format 'int5x'"),
     ("rtn:int4:g0", "unknown quant option 'g0'"), ("rtn:int4:act-order", "act-order applies to gptq"),
-    ("rtn:int4:g32:g64", "twice"), ("", "quant spec")])
+    ("rtn:int4:g32:g64", "twice"), ("", "quant spec"), ("rtn:mxfp4:rotate24", "power of two >= 16"),
+    ("rtn:mxfp4:rotate8", "power of two >= 16"), ("rtn:mxfp4:rotatex", "rotateN")])
 def test_bad_specs_name_the_problem(bad, match):
     with pytest.raises(ValueError, match=match):
         QuantSpec.parse(bad)
@@ -99,3 +100,13 @@ def test_gptq_spec_is_not_applied_at_load_time(tiny_model_dir):
         LLM(str(tiny_model_dir("llama")), quant="gptq:int4:g32")
     with pytest.raises(ValueError, match="number format"):
         LLM(str(tiny_model_dir("llama")), quant="rtn:int9")
+
+
+def test_rotate_block_is_the_requested_one():
+    """`:rotateN` picks the Hadamard block (576 features: plain `rotate` takes 64, the largest
+    power of two dividing 576; rotate32 takes 32)."""
+    fmt = get_format("mxfp4")
+    for spec, block in (("rtn:mxfp4:rotate", 64), ("rtn:mxfp4:rotate32", 32), ("rtn:mxfp4:rotate16", 16)):
+        s = QuantSpec.parse(spec)
+        m = WeightOnlyMethod(fmt, s.group_size, rotate=s.rotate, rotate_block=s.rotate_block)
+        assert m.rotation_for(576).block == block and m.name.endswith(spec.split(":")[-1])
