@@ -133,3 +133,30 @@ def test_gptq_counts_the_attention_sink_in_the_qkv_hessian_only(tiny_model_dir, 
     llm = LLM(str(tiny_model_dir("llama")), dtype="float32")
     quantize_model(llm.engine.model, QuantSpec.parse("gptq:int4:g32"), random_seqs(3, 40, seed=1))
     assert seen == [{"self_attn.qkv_proj": SINK_WEIGHT_PER_TOKEN * 40}] * llm.engine.model_config.num_layers
+
+
+@pytest.mark.parametrize("spec", ["rtn:nvfp4", "rtn:mxfp4:rotate16", "rtn:int4:g32"])
+def test_dense_propagation_computes_the_quantized_layer(tiny_model_dir, spec):
+    """GPTQ propagates calibration inputs through each quantized layer with its weights
+    dequantized once (_dense_weights): the same function as the quantized layer's own kernels
+    (exactly up to float32 rounding for dequantize-per-call formats; the int4 kernel rounds its
+    activations to bfloat16, hence the looser bound there)."""
+    from leanlm.quant.model_quantizer import LINEARS, _dense_weights, _run_layer
+    from leanlm.kv.cache import ContiguousKVCache
+
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", quant=spec)
+    m = llm.engine.model
+    cfg = m.cfg
+    layer = m.layers[0]
+    linears = [layer.get_submodule(n) for n in LINEARS]
+    cache = ContiguousKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, m.dtype, "cpu")
+    hidden = [m.embed_tokens(torch.tensor(s)) for s in random_seqs(2, 24, seed=3)]
+    with torch.inference_mode():
+        kernels = _run_layer(m, layer, hidden, cache)
+        with _dense_weights(linears):
+            dense = _run_layer(m, layer, hidden, cache)
+            assert all(type(lin.method).__name__ == "_DenseQuantized" for lin in linears)
+    assert all(type(lin.method).__name__ == "WeightOnlyMethod" for lin in linears)  # restored
+    tol = 2e-2 if spec == "rtn:int4:g32" else 1e-5
+    for a, b in zip(kernels, dense):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
