@@ -39,9 +39,42 @@ def linear_bits(model) -> tuple[float, int]:
     return bits / count, count
 
 
+def print_table(done: dict) -> None:
+    """One markdown row per format (the spec without its algorithm): RTN and GPTQ side by side."""
+    rows = done["rows"]
+    base = rows.get("none", {}).get("ppl")
+    formats = []
+    for item in rows:
+        if item != "none":
+            key = item.split(":", 1)[1]
+            if key not in formats:
+                formats.append(key)
+    print(f"| format | bits / weight | linear MiB | checkpoint MiB | RTN ppl | GPTQ ppl | "
+          f"GPTQ vs RTN | GPTQ quantize s |")
+    print("|---|---|---|---|---|---|---|---|")
+    counts = [r["linear_weights"] for r in rows.values() if "linear_weights" in r]
+    if base and counts:
+        print(f"| float32 (unquantized) | 32 | {counts[0] * 4 / 2**20:.0f} | - | {base:.3f} | | | |")
+
+    def ppl(r):
+        if r is None:
+            return "not run"
+        return f"{r['ppl']:.3f} ({r['ppl'] - base:+.2f})" if base and r["ppl"] < 1e4 else f"{r['ppl']:.3g}"
+
+    for key in formats:
+        rtn, gptq = rows.get(f"rtn:{key}"), rows.get(f"gptq:{key}")
+        any_row = rtn or gptq
+        bits = any_row["bits_per_weight"]
+        vs = (f"{gptq['ppl'] / rtn['ppl']:.2f}x" if rtn and gptq else "")
+        secs = f"{gptq['quantize_seconds']:.0f}" if gptq and gptq.get("quantize_seconds") else ""
+        print(f"| {key} | {bits:.2f} | {bits * any_row['linear_weights'] / 8 / 2**20:.0f} | "
+              f"{any_row['checkpoint_bytes'] / 2**20:.0f} | {ppl(rtn)} | {ppl(gptq)} | {vs} | {secs} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("specs", nargs="+", help="quant specs (ALGO:FORMAT[:gN][:rotate][:act-order]) or 'none'")
+    p.add_argument("specs", nargs="*", help="quant specs (ALGO:FORMAT[:gN][:rotate][:act-order]) or 'none'; "
+                                            "none given: print the table of what --json holds")
     p.add_argument("--model", default=None)
     p.add_argument("--limit", type=int, default=8, help="WikiText-2 windows of 2048 scored (148 = all)")
     p.add_argument("--ckpt-dir", default="/tmp/leanlm-quant-table")
@@ -95,14 +128,7 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(done, indent=2))
         print(f"[table] {item}: ppl {r.ppl:.3f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
         del llm
-    base = done["rows"].get("none", {}).get("ppl")
-    print(f"| quant | bits/weight | checkpoint MiB | ppl ({done['limit']} windows) | delta |")
-    print("|---|---|---|---|---|")
-    for item, row in done["rows"].items():
-        delta = f"{row['ppl'] - base:+.3f}" if base else "?"
-        bits = f"{row['bits_per_weight']:.2f}" if "bits_per_weight" in row else "32"
-        mib = f"{row['checkpoint_bytes'] / 2**20:.0f}" if "checkpoint_bytes" in row else "-"
-        print(f"| {item} | {bits} | {mib} | {row['ppl']:.3f} | {delta} |")
+    print_table(done)
     return 0
 
 
