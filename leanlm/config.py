@@ -73,10 +73,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048     # tokens per step (prefill chunks + decodes)
     compile: bool = False                  # torch.compile the forward (slow first call)
     kv_cache_memory: str | int | float | None = None  # '2GiB', bytes, or a fraction of free memory
-    block_size: int = 16                   # tokens per KV block
+    block_size: int | None = None          # tokens per KV block (default 16, or the kv spec's group)
     enable_prefix_caching: bool = True
     quant: str | None = None               # weight quantization spec, e.g. 'rtn:int8', 'rtn:int4:g32'
     quant_head: bool = False               # also quantize the LM head (default: compute dtype)
+    kv: str | None = None                  # KV cache codec spec, e.g. 'fp8:e4m3', 'kivi:4', 'bfp:8:reorder'
 
     def __post_init__(self):
         self.torch_dtype = parse_dtype(self.dtype)
@@ -87,6 +88,17 @@ class EngineConfig:
             from leanlm.quant.spec import QuantSpec
 
             self.quant_spec = QuantSpec.parse(self.quant)
+        self.kv_spec = None
+        if self.kv is not None:
+            from leanlm.kv.spec import KVSpec
+
+            self.kv_spec = KVSpec.parse(self.kv)
+        group = self.kv_spec.group if self.kv_spec is not None else None
+        if self.block_size is None:
+            self.block_size = group or 16
+        elif group is not None and group != self.block_size:
+            raise ValueError(f"kv spec {self.kv!r} groups keys over {group} tokens, which must equal "
+                             f"block_size, got block_size={self.block_size!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -30,9 +30,13 @@ class PerplexityResult:
     nll_sum: float       # sum of -log p over the scored tokens (float64)
     model: str = ""
     dtype: str = ""
+    kv: str = ""                    # the KV codec's spec ('plain': the compute dtype)
+    kv_bytes_per_token: float = 0   # all layers, K and V, scales included
+    kv_compression: float = 0       # bf16 bytes per token / kv_bytes_per_token
 
     def to_json(self) -> dict:
-        keys = ("ppl", "tokens", "ctx", "model", "dtype", "windows", "chunk", "seconds")
+        keys = ("ppl", "tokens", "ctx", "model", "dtype", "windows", "chunk", "seconds",
+                "kv", "kv_bytes_per_token", "kv_compression")
         d = asdict(self)
         return {k: d[k] for k in keys}
 
@@ -66,8 +70,10 @@ def perplexity(llm, token_ids: list[int], ctx: int = 2048, chunk: int | None = N
                limit: int | None = None, progress: bool = False) -> PerplexityResult:
     """Perplexity of `token_ids` under `llm` (a leanlm `LLM`), GPTQ windows of `ctx` tokens.
 
-    `chunk` tokens are fed per forward pass inside a window (default: the whole window at once);
-    the result does not depend on it beyond float rounding."""
+    `chunk` tokens are fed per forward pass inside a window (default: the whole window at once).
+    Every chunk attends to the paged cache as the KV codec stores it, its own tokens included, so
+    with a lossless codec the result does not depend on `chunk` beyond float rounding, and with a
+    lossy one chunk=1 is exactly what token-by-token decoding sees (see LLM.score)."""
     limit_ctx = llm.engine.max_model_len
     if ctx > limit_ctx:
         raise ValueError(f"ctx={ctx} is larger than the model's context of {limit_ctx} tokens")
@@ -93,9 +99,24 @@ def perplexity(llm, token_ids: list[int], ctx: int = 2048, chunk: int | None = N
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
+    kv, kv_bytes, compression = kv_footprint(llm)
     return PerplexityResult(ppl=math.exp(nll_sum / count), tokens=count, ctx=ctx, windows=len(windows),
                             chunk=chunk, seconds=seconds, nll_sum=nll_sum,
-                            dtype=dtype_name(llm.engine.config.torch_dtype))
+                            dtype=dtype_name(llm.engine.config.torch_dtype),
+                            kv=kv, kv_bytes_per_token=kv_bytes, kv_compression=compression)
+
+
+def kv_footprint(llm) -> tuple[str, float, float]:
+    """(codec spec, bytes per token, compression vs a bf16 cache) of `llm`'s KV cache."""
+    import torch
+
+    from leanlm.kv.codecs import PlainCodec
+
+    cache, mc = llm.engine.cache, llm.engine.model_config
+    bf16 = PlainCodec.bytes_per_token_for(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.bfloat16)
+    spec = getattr(getattr(cache, "codec", None), "spec", "plain")
+    per_token = cache.bytes_per_token()
+    return spec, per_token, round(bf16 / per_token, 4)
 
 
 def model_name(args_model: str | None) -> str:
@@ -121,10 +142,11 @@ def add_parser(sub, add_model_args) -> None:
                    help="window length in tokens (at most the model's context; default 2048)")
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N windows")
     p.add_argument("--chunk", type=positive_int, default=None,
-                   help="tokens per forward pass inside a window (default: --ctx, one pass); "
-                        "smaller uses less memory")
+                   help="tokens per forward pass inside a window (default: --ctx, one pass; 64 with --kv); "
+                        "each chunk attends to the cache as the --kv codec stores it, 1 = token-by-token decoding")
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="write {ppl, tokens, ctx, model, dtype, windows, chunk, seconds} to PATH")
+                   help="write {ppl, tokens, ctx, model, dtype, windows, chunk, seconds, kv, "
+                        "kv_bytes_per_token, kv_compression} to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ppl)
 
@@ -141,11 +163,14 @@ def cmd_ppl(args) -> int:
     ids = llm.get_tokenizer().encode(read_text(path), add_special_tokens=False)
     print(f"[leanlm] {path}: {len(ids)} tokens, {len(ids) // args.ctx} windows of {args.ctx} "
           f"(tokenized in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
-    res = perplexity(llm, ids, ctx=args.ctx, chunk=args.chunk, limit=args.limit,
+    chunk = 64 if args.chunk is None and getattr(args, "kv", None) else args.chunk
+    res = perplexity(llm, ids, ctx=args.ctx, chunk=chunk, limit=args.limit,
                      progress=not args.no_progress)
     res.model = model_name(args.model)
-    print_table(f"perplexity: {path.name}", ["model", "dtype", "ctx", "windows", "tokens", "ppl", "seconds"],
-                [[res.model, res.dtype, res.ctx, res.windows, res.tokens, f"{res.ppl:.4f}", f"{res.seconds:.1f}"]])
+    print_table(f"perplexity: {path.name}",
+                ["model", "dtype", "kv", "kv B/token", "ctx", "chunk", "windows", "tokens", "ppl", "seconds"],
+                [[res.model, res.dtype, res.kv, res.kv_bytes_per_token, res.ctx, res.chunk, res.windows,
+                  res.tokens, f"{res.ppl:.4f}", f"{res.seconds:.1f}"]])
     if args.json:
         write_json(args.json, res.to_json())
         print(f"[leanlm] wrote {args.json}", file=sys.stderr)

@@ -22,7 +22,7 @@ from leanlm.engine.sampling import Sampler, SamplingParams, SamplingState
 from leanlm.engine.scheduler import Scheduler
 from leanlm.engine.sequence import Sequence
 from leanlm.kv.cache import ContiguousKVCache
-from leanlm.kv.codecs import PlainCodec
+from leanlm.kv.spec import build_codec
 from leanlm.kv.paged import PagedKVCache, kv_budget_bytes
 from leanlm.models.registry import load_model, resolve_model
 from leanlm.models.tokenizer import Tokenizer
@@ -50,7 +50,7 @@ def weight_method_factory(config: EngineConfig):
     def method(name: str):
         if name == "lm_head" and not config.quant_head:
             return default_method(dtype, device)
-        return WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate)
+        return WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate, rotate_block=spec.rotate_block)
 
     return method
 
@@ -104,14 +104,29 @@ class LLMEngine:
         cfg, mc = self.config, self.model_config
         dtype, device = cfg.torch_dtype, cfg.torch_device
         if cfg.compile:
+            if cfg.kv_spec is not None:
+                raise ValueError(f"kv={cfg.kv!r} needs the paged cache; compile=True uses the contiguous "
+                                 "cache, which stores K/V in the compute dtype: drop one of them")
             return ContiguousKVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype, device,
                                      mc.sliding_window)
         bs = cfg.block_size
-        bytes_per_token = PlainCodec.bytes_per_token_for(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
+        key_perm = None
+        if cfg.kv_spec is not None and cfg.kv_spec.reorder:  # once, from the checkpoint's k_proj rows
+            from leanlm.kv.bfp import key_channel_order
+
+            key_perm = key_channel_order(self.model_path, mc.num_layers, mc.num_kv_heads, mc.head_dim)
+
+        def codec(num_blocks: int):
+            return build_codec(cfg.kv_spec, mc.num_layers, num_blocks, bs, mc.num_kv_heads, mc.head_dim,
+                               dtype, device, max_seqs=cfg.max_num_seqs, key_perm=key_perm)
+
+        probe = codec(1)  # what a block costs, and the fixed part (KIVI's residual pool)
+        bytes_per_token, fixed = probe.bytes_per_token(), probe.fixed_bytes()
+        del probe
         budget = kv_budget_bytes(cfg.kv_cache_bytes, device)
         # never more than every seat filled to the context (tiny models get tiny pools)
         needed = cfg.max_num_seqs * (-(-self.max_model_len // bs) + 1)
-        num_blocks = min(budget // (bs * bytes_per_token), needed)
+        num_blocks = min(int(max(0, budget - fixed) // (bs * bytes_per_token)), needed)
         capacity = num_blocks * bs
         if capacity < self.max_model_len:
             if cfg.max_model_len is not None or capacity < 2 * bs:
@@ -121,8 +136,7 @@ class LLMEngine:
                     f"{self.max_model_len}; raise kv_cache_memory or lower max_model_len")
             log.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
             self.max_model_len = capacity
-        codec = PlainCodec(mc.num_layers, num_blocks * bs, bs, mc.num_kv_heads, mc.head_dim, dtype, device)
-        return PagedKVCache(codec, num_blocks, bs, device, mc.num_kv_heads, mc.sliding_window,
+        return PagedKVCache(codec(num_blocks), num_blocks, bs, device, mc.num_kv_heads, mc.sliding_window,
                             cfg.enable_prefix_caching, salt=str(self.model_path))
 
     # -- requests ------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ class KVCodec:
     """Storage of K/V for `num_slots` token slots of every layer (slot = block * block_size + offset)."""
 
     spec: str = "plain"  # goes into the prefix-cache hash: caches of different codecs never mix
+    exact: bool = False  # reads return exactly what was written: a chunk may attend to its own k/v
+    key_perm: torch.Tensor | None = None  # [layers, Hkv, D] key channel order in the cache (bfp reorder)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [T, Hkv, D] of T new tokens into `slots` [T] (int64)."""
@@ -27,28 +29,48 @@ class KVCodec:
         [length, Hkv, D]; a plain codec returns views, no copy."""
         raise NotImplementedError
 
-    def bytes_per_token(self) -> int:
+    def bytes_per_token(self) -> int | float:
+        """Bytes of storage per cached token, all layers, K and V, scales included."""
         raise NotImplementedError
+
+    def fixed_bytes(self) -> int:
+        """Bytes that do not grow with the slots (e.g. a full-precision residual pool)."""
+        return 0
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every tensor the codec holds: num_slots * bytes_per_token() + fixed_bytes()."""
+        return sum(t.untyped_storage().nbytes() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def release(self, blocks: list[int]) -> None:
+        """The blocks of a sequence are being freed (a codec with per-block state drops it)."""
 
 
 class PlainCodec(KVCodec):
-    """K/V kept in the model's dtype: one [num_slots, Hkv, D] tensor per layer for K and for V."""
-
-    spec = "plain"
+    """K/V kept in a float dtype (default: the model's): one [num_slots, Hkv, D] tensor per layer
+    for K and for V, read back in the compute dtype `dtype`."""
 
     def __init__(self, num_layers: int, num_slots: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+                 head_dim: int, dtype: torch.dtype, device: torch.device,
+                 storage_dtype: torch.dtype | None = None, spec: str = "plain"):
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
-        self.dtype, self.num_layers = dtype, num_layers
+        self.dtype, self.num_layers, self.spec = dtype, num_layers, spec
+        storage = storage_dtype or dtype
+        self.exact = storage == dtype or storage.itemsize > dtype.itemsize and storage == torch.float32
         # zeros, not empty: masked-out slots still enter attention's matmul with weight 0, and
         # 0 * NaN (uninitialised memory) would poison the output
         shape = (num_slots, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.k + self.v
 
     def write(self, layer, slots, k, v) -> None:
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        self.k[layer].index_copy_(0, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(0, slots, v.to(self.v[layer].dtype))
 
     def read_blocks(self, layer, block_tables):
         B, nblk = block_tables.shape
@@ -59,13 +81,14 @@ class PlainCodec(KVCodec):
         k = torch.index_select(self.k[layer].view(-1, per_block), 0, rows)
         v = torch.index_select(self.v[layer].view(-1, per_block), 0, rows)
         out = (B, nblk * self.block_size, self.num_kv_heads, self.head_dim)
-        return k.view(out), v.view(out)
+        return k.view(out).to(self.dtype), v.view(out).to(self.dtype)  # .to: no copy when same dtype
 
     def read_slots(self, layer, first_slot, length):
-        return self.k[layer][first_slot:first_slot + length], self.v[layer][first_slot:first_slot + length]
+        end = first_slot + length
+        return self.k[layer][first_slot:end].to(self.dtype), self.v[layer][first_slot:end].to(self.dtype)
 
     def bytes_per_token(self) -> int:
-        return self.bytes_per_token_for(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+        return self.bytes_per_token_for(self.num_layers, self.num_kv_heads, self.head_dim, self.k[0].dtype)
 
     @staticmethod
     def bytes_per_token_for(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -78,6 +78,10 @@ class PagedKVCache(KVCache):
         self.num_kv_heads, self.window = num_kv_heads, sliding_window
         # the codec's spec is part of every prefix hash: blocks stored differently never match
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, salt=f"{salt}|{codec.spec}")
+        self.key_perm = self.query_perm = None
+        if codec.key_perm is not None:  # bfp reorder: q and k channels permuted alike, q.k unchanged
+            self.key_perm = codec.key_perm.to(self.device)
+            self.query_perm = None  # [layers, Hq, D] once the number of query heads is seen
 
     # -- room for sequences (called by the scheduler) -------------------------------------------
     def admit(self, token_ids: list[int], max_len: int) -> tuple[BlockTable, int]:
@@ -92,6 +96,7 @@ class PagedKVCache(KVCache):
         self.blocks.commit(handle, token_ids, num_computed)
 
     def release(self, handle: BlockTable) -> None:
+        self.codec.release(handle.blocks)
         self.blocks.free(handle)
 
     def usage(self) -> tuple[int, int, int]:
@@ -121,7 +126,9 @@ class PagedKVCache(KVCache):
             end = s.start + s.n
             nblk = -(-end // bs)
             first = blocks = None
-            if s.start > 0:  # earlier tokens come from the cache
+            # earlier tokens come from the cache; with a lossy codec so do the chunk's own, so a
+            # chunk sees exactly what later tokens will see (chunk 1 == token-by-token decoding)
+            if s.start > 0 or not self.codec.exact:
                 first = _adjacent_start(s.kv.blocks, nblk, bs)
                 if first is None:
                     blocks = torch.tensor([s.kv.blocks[:nblk]], dtype=torch.long, device=self.device)
@@ -148,6 +155,8 @@ class PagedKVCache(KVCache):
 
     def attend(self, layer: int, q, k, v, ctx: PagedContext) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the flattened batch -> [T, Hq, D]."""
+        if self.key_perm is not None:
+            q, k = self._permute(layer, q, k)
         self.codec.write(layer, ctx.slot_mapping, k, v)
         out = torch.empty_like(q)
         for d in ctx.decodes:
@@ -179,6 +188,14 @@ class PagedKVCache(KVCache):
                 attn_mask=p.mask, is_causal=p.mask is None and p.n > 1)
             out[sl] = o[0].transpose(0, 1)
         return out
+
+    def _permute(self, layer: int, q, k):
+        """Channel d of q and k (after RoPE) -> position of d in the layer's key order, per head
+        (query heads take their KV head's order, HF's repeat_kv grouping)."""
+        if self.query_perm is None:
+            self.query_perm = self.key_perm.repeat_interleave(q.shape[1] // self.num_kv_heads, dim=1)
+        qp, kp = self.query_perm[layer], self.key_perm[layer]
+        return q.gather(2, qp.expand(q.shape[0], -1, -1)), k.gather(2, kp.expand(k.shape[0], -1, -1))
 
 
 DEFAULT_BUDGET_BYTES = 4 * 2**30   # vLLM's CPU default (VLLM_CPU_KVCACHE_SPACE=4)

@@ -105,7 +105,10 @@ def test_cli_writes_json_with_the_same_numbers(llm, ids, tiny_model_dir, text_fi
                "--ctx", str(CTX), "--limit", "3", "--json", str(out), "--no-progress"])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert set(data) == {"ppl", "tokens", "ctx", "model", "dtype", "windows", "chunk", "seconds"}
+    assert set(data) == {"ppl", "tokens", "ctx", "model", "dtype", "windows", "chunk", "seconds",
+                         "kv", "kv_bytes_per_token", "kv_compression"}
+    # tiny llama: 3 layers, 2 KV heads of 16 channels, float32: 2 * 3 * 2 * 16 * 4 bytes, half of bf16's
+    assert (data["kv"], data["kv_bytes_per_token"], data["kv_compression"]) == ("plain", 768, 0.5)
     direct = perplexity(llm, ids, ctx=CTX, limit=3)
     assert data["ppl"] == pytest.approx(direct.ppl, rel=1e-9)
     assert (data["tokens"], data["ctx"], data["windows"], data["chunk"]) == (3 * (CTX - 1), CTX, 3, CTX)

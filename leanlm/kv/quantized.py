@@ -1,0 +1,296 @@
+"""Quantized KV codecs: FP8 with a power-of-two scale per token and head, and KIVI.
+
+FP8 (`fp8:e4m3`, `fp8:e5m2`). The scale is 2^e per token and KV head, e chosen so the head's
+largest |x| lands in (max/2, max] (e4m3fn max 448, e5m2 57344). Why this choice: a float format
+has the same relative precision everywhere, so the scale only has to keep values out of
+saturation and out of the subnormals; a power of two does that exactly (scaling is lossless),
+costs one int8 per token and head, needs no calibration, and - unlike a scale per block of
+tokens - no full-precision residual, since each token is encoded alone when it is written.
+
+KIVI (`kivi:BITS[:gG]`, Liu et al. 2024). Keys are quantized per channel over groups of G tokens,
+values per token over groups of V_GROUP channels, asymmetrically (min-max, fp16 scale and zero).
+G is the cache block size: the block a sequence is still filling is KIVI's full-precision
+residual (kept in a pool of `max_partial` rows, one per running sequence) and the block is
+quantized when its last token is written, so full - and hence prefix-cached - blocks are always
+quantized. Values are quantized as they arrive; the residual overlay hides them until their block
+is full. INT4 codes are packed two per byte, INT2 four per byte.
+"""
+from __future__ import annotations
+
+import torch
+
+from leanlm.kv.codecs import KVCodec
+
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+V_GROUP = 32  # channels per value group (KIVI's group size), or the whole head if it does not divide
+
+
+def pow2_exponent(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """Smallest integer e with amax * 2^-e <= fmax, as int8 (clamped to [-127, 127])."""
+    fm, fe = torch.frexp(torch.tensor(fmax))          # fmax = fm * 2^fe, fm in [0.5, 1)
+    m, e = torch.frexp(amax.float())                  # amax = m * 2^e (exact)
+    e = e - int(fe) + (m > float(fm)).to(e.dtype)
+    return e.clamp(-127, 127).to(torch.int8)
+
+
+class TokenwiseCodec(KVCodec):
+    """A codec that encodes each token alone (no residual): `codes` [num_slots, 2 (K, V), Hkv, ...]
+    and `exps` [num_slots, 2, Hkv, ...] per layer; subclasses give encode / decode."""
+
+    codes: list[torch.Tensor]
+    exps: list[torch.Tensor]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensors(self):
+        return self.codes + self.exps
+
+    def write(self, layer, slots, k, v) -> None:
+        codes, e = self.encode(torch.stack((k, v), dim=1))
+        self.codes[layer].index_copy_(0, slots, codes)
+        self.exps[layer].index_copy_(0, slots, e)
+
+    def read_blocks(self, layer, block_tables):
+        B, nblk = block_tables.shape
+        bs = self.block_size
+        rows = block_tables.reshape(-1)
+        codes = self.codes[layer].view(-1, bs, *self.codes[layer].shape[1:]).index_select(0, rows)
+        e = self.exps[layer].view(-1, bs, *self.exps[layer].shape[1:]).index_select(0, rows)
+        kv = self.decode(codes, e).view(B, nblk * bs, 2, self.num_kv_heads, self.head_dim)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def read_slots(self, layer, first_slot, length):
+        sl = slice(first_slot, first_slot + length)
+        kv = self.decode(self.codes[layer][sl], self.exps[layer][sl])
+        return kv[:, 0], kv[:, 1]
+
+
+class Fp8Codec(TokenwiseCodec):
+    def __init__(self, num_layers: int, num_slots: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device, fmt: str):
+        self.spec, self.fp8 = f"fp8:{fmt}", FP8[fmt]
+        self.fmax = float(torch.finfo(self.fp8).max)
+        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+        self.dtype, self.num_layers = dtype, num_layers
+        # codes as uint8 (index_copy_ has no float8 kernel on CPU), viewed as float8 to decode
+        self.codes = [torch.zeros(num_slots, 2, num_kv_heads, head_dim, dtype=torch.uint8, device=device)
+                      for _ in range(num_layers)]
+        self.exps = [torch.zeros(num_slots, 2, num_kv_heads, dtype=torch.int8, device=device)
+                     for _ in range(num_layers)]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., D] -> (uint8 codes [..., D], int8 exponents [...])."""
+        x = x.float()
+        e = pow2_exponent(x.abs().amax(-1), self.fmax)
+        codes = torch.ldexp(x, -e.unsqueeze(-1).float()).to(self.fp8)  # exact scaling, RNE rounding
+        return codes.view(torch.uint8), e
+
+    def decode(self, codes: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return torch.ldexp(codes.view(self.fp8).float(), e.unsqueeze(-1).float()).to(self.dtype)
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + 1)
+
+
+# -- KIVI -------------------------------------------------------------------------------------------
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., D] in [0, 2^bits) -> [..., D * bits / 8], code i of a byte at bit bits*i."""
+    if bits == 8:
+        return q
+    per = 8 // bits
+    q = q.view(*q.shape[:-1], -1, per)
+    out = q[..., 0].clone()
+    for i in range(1, per):
+        out |= q[..., i] << (bits * i)
+    return out
+
+
+def unpack_codes(p: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return p
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=p.device)
+    return ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+
+
+def _f16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """x (float32/64) rounded to float16 toward +inf (direction=inf) or -inf, returned as float32."""
+    r = x.to(torch.float16)
+    off = r.double() < x.double() if direction > 0 else r.double() > x.double()
+    return torch.where(off, torch.nextafter(r, torch.full_like(r, direction)), r).float()
+
+
+def asym_quantize(x: torch.Tensor, dim: int, bits: int):
+    """Min-max asymmetric quantization of float32 x over `dim`: codes (uint8, shaped like x), and
+    float16 scale s and zero z (dim kept, size 1) with x ~ z + code * s.
+
+    z is the min rounded down and s rounded up to float16, so [z, z + qmax * s] still covers the
+    max: every |x - x_hat| <= s / 2 (plus float32 rounding); s >= the smallest float16 so a
+    constant group does not divide by zero. Values beyond float16's +-65504 are not supported."""
+    qmax = (1 << bits) - 1
+    z = _f16_toward(x.amin(dim, keepdim=True), float("-inf"))
+    hi = x.amax(dim, keepdim=True)
+    s = _f16_toward(((hi.double() - z.double()) / qmax).clamp(min=2.0**-24), float("inf"))
+    q = torch.round((x - z) / s).clamp_(0, qmax).to(torch.uint8)
+    return q, s.half(), z.half()
+
+
+class _WritePlan:
+    """Where one step's new tokens go, worked out once per step (every layer writes the same
+    slots): tokens of blocks left partial go to residual rows; blocks that become full are
+    quantized from their earlier tokens (in a residual row) and the new ones."""
+
+    def __init__(self, slots: torch.Tensor, device):
+        self.slots = slots
+        self.res_dst: list[int] = []      # flat residual index (row * bs + offset) per token kept
+        self.res_src: list[int] = []      # its index in the batch
+        self.full_blocks: list[int] = []  # blocks that become full this step
+        self.old_idx: list[int] = []      # their earlier tokens: flat residual indices
+        self.new_idx: list[int] = []      # their new tokens: batch indices
+        self.order: list[int] = []        # token order of the full blocks in cat(old, new)
+
+    def finish(self, device) -> "_WritePlan":
+        n_old = len(self.old_idx)
+        self.order = [i if kind == 0 else n_old + i for kind, i in self.order]
+        for name in ("res_dst", "res_src", "full_blocks", "old_idx", "new_idx", "order"):
+            setattr(self, name, torch.tensor(getattr(self, name), dtype=torch.long, device=device))
+        return self
+
+
+class KiviCodec(KVCodec):
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device, bits: int, max_partial: int):
+        if head_dim * bits % 8:
+            raise ValueError(f"kivi:{bits} needs head_dim * bits divisible by 8, head_dim is {head_dim}")
+        self.spec = f"kivi:{bits}:g{block_size}"
+        self.bits, self.block_size, self.num_kv_heads, self.head_dim = bits, block_size, num_kv_heads, head_dim
+        self.dtype, self.num_layers, self.device = dtype, num_layers, torch.device(device)
+        self.vgroup = V_GROUP if head_dim % V_GROUP == 0 else head_dim
+        bs, H, D, P = block_size, num_kv_heads, head_dim, head_dim * bits // 8
+
+        def zeros(*shape, dt):
+            return [torch.zeros(*shape, dtype=dt, device=device) for _ in range(num_layers)]
+
+        self.kc, self.vc = zeros(num_blocks, bs, H, P, dt=torch.uint8), zeros(num_blocks, bs, H, P, dt=torch.uint8)
+        self.ks, self.kz = zeros(num_blocks, 1, H, D, dt=torch.float16), zeros(num_blocks, 1, H, D, dt=torch.float16)
+        ng = D // self.vgroup
+        self.vs, self.vz = zeros(num_blocks, bs, H, ng, 1, dt=torch.float16), zeros(num_blocks, bs, H, ng, 1, dt=torch.float16)
+        # the residual: full-precision K/V of blocks still filling, one row per running sequence
+        self.rk, self.rv = zeros(max_partial, bs, H, D, dt=dtype), zeros(max_partial, bs, H, D, dt=dtype)
+        self.res_row = torch.full((num_blocks,), -1, dtype=torch.long, device=device)  # block -> row
+        self._rows: dict[int, int] = {}
+        self._free_rows = list(range(max_partial - 1, -1, -1))
+        self._plan: _WritePlan | None = None
+
+    def tensors(self):
+        # res_row (8 bytes per block) is bookkeeping, like the block tables, not K/V storage
+        return self.kc + self.vc + self.ks + self.kz + self.vs + self.vz + self.rk + self.rv
+
+    def bytes_per_token(self) -> int | float:
+        H, D, bs = self.num_kv_heads, self.head_dim, self.block_size
+        codes = 2 * D * self.bits // 8
+        scales = 2 * 2 * D / bs + 2 * 2 * D // self.vgroup   # fp16 (scale, zero): K per block, V per token
+        per_token = self.num_layers * H * (codes + scales)
+        return int(per_token) if per_token == int(per_token) else per_token
+
+    def fixed_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.rk + self.rv)
+
+    # -- bookkeeping of partial blocks (once per step) ---------------------------------------------
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            row = self._rows.pop(b, None)
+            if row is not None:
+                self._free_rows.append(row)
+                self.res_row[b] = -1
+
+    def _plan_for(self, slots: torch.Tensor) -> _WritePlan:
+        if self._plan is not None and self._plan.slots is slots:
+            return self._plan
+        bs, s = self.block_size, slots.tolist()
+        plan, freed = _WritePlan(slots, self.device), []
+        i = 0
+        while i < len(s):
+            b, off = divmod(s[i], bs)
+            j = i  # the run of this sequence's tokens in block b
+            while j + 1 < len(s) and s[j + 1] == s[j] + 1 and s[j + 1] % bs:
+                j += 1
+            last = off + j - i
+            row = self._rows.get(b)
+            if off > 0 and row is None:
+                raise RuntimeError(f"kivi: block {b} written from offset {off} but its first tokens "
+                                   "are not in the residual (blocks must fill in order)")
+            if last == bs - 1:  # the block is full: quantize it, its residual row is free again
+                if row is not None:
+                    plan.order += [(0, len(plan.old_idx) + t) for t in range(off)]
+                    plan.old_idx += [row * bs + t for t in range(off)]
+                    freed.append(b)
+                plan.order += [(1, len(plan.new_idx) + t) for t in range(j - i + 1)]
+                plan.new_idx += range(i, j + 1)
+                plan.full_blocks.append(b)
+            else:
+                if row is None:
+                    if not self._free_rows:
+                        raise RuntimeError("kivi: no free residual row (more sequences filling a block "
+                                           "than max_num_seqs)")
+                    row = self._rows[b] = self._free_rows.pop()
+                    self.res_row[b] = row
+                plan.res_dst += range(row * bs + off, row * bs + last + 1)
+                plan.res_src += range(i, j + 1)
+            i = j + 1
+        # rows are recycled only after the plan: a row read by a filling block in this step's
+        # layers must not also receive another block's new tokens in the same step
+        self.release(freed)
+        self._plan = plan.finish(self.device)
+        return self._plan
+
+    # -- per layer ---------------------------------------------------------------------------------
+    def write(self, layer, slots, k, v) -> None:
+        plan = self._plan_for(slots)
+        bs, H, D = self.block_size, self.num_kv_heads, self.head_dim
+        T = k.shape[0]
+        # values: per token over channel groups, quantized as they arrive
+        q, s, z = asym_quantize(v.float().view(T, H, D // self.vgroup, self.vgroup), -1, self.bits)
+        self.vc[layer].view(-1, H, D * self.bits // 8).index_copy_(0, slots, pack_codes(q.view(T, H, D), self.bits))
+        self.vs[layer].view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, s)
+        self.vz[layer].view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, z)
+        rk, rv = self.rk[layer].view(-1, H, D), self.rv[layer].view(-1, H, D)
+        if plan.full_blocks.numel():  # keys of full blocks: per channel over the block's tokens
+            keys = k.index_select(0, plan.new_idx)
+            if plan.old_idx.numel():  # read the residual before this step's writes reuse its rows
+                keys = torch.cat((rk.index_select(0, plan.old_idx), keys)).index_select(0, plan.order)
+            q, s, z = asym_quantize(keys.float().view(-1, bs, H, D), 1, self.bits)
+            self.kc[layer].index_copy_(0, plan.full_blocks, pack_codes(q, self.bits))
+            self.ks[layer].index_copy_(0, plan.full_blocks, s)
+            self.kz[layer].index_copy_(0, plan.full_blocks, z)
+        if plan.res_dst.numel():
+            rk.index_copy_(0, plan.res_dst, k.index_select(0, plan.res_src).to(self.dtype))
+            rv.index_copy_(0, plan.res_dst, v.index_select(0, plan.res_src).to(self.dtype))
+
+    def read_blocks(self, layer, block_tables):
+        B, nblk = block_tables.shape
+        bs, H, D = self.block_size, self.num_kv_heads, self.head_dim
+        rows = block_tables.reshape(-1)
+        kq = unpack_codes(self.kc[layer].index_select(0, rows), self.bits).float()
+        k = kq * self.ks[layer].index_select(0, rows).float() + self.kz[layer].index_select(0, rows).float()
+        vq = unpack_codes(self.vc[layer].index_select(0, rows), self.bits).float()
+        vq = vq.view(-1, bs, H, D // self.vgroup, self.vgroup)
+        v = vq * self.vs[layer].index_select(0, rows).float() + self.vz[layer].index_select(0, rows).float()
+        k, v = k.to(self.dtype), v.view(-1, bs, H, D).to(self.dtype)
+        res = self.res_row.index_select(0, rows)
+        partial = (res >= 0).nonzero().squeeze(1)
+        if partial.numel():  # blocks still filling: their full-precision residual
+            k[partial] = self.rk[layer].index_select(0, res[partial])
+            v[partial] = self.rv[layer].index_select(0, res[partial])
+        return k.view(B, nblk * bs, H, D), v.view(B, nblk * bs, H, D)
+
+    def read_slots(self, layer, first_slot, length):
+        bs = self.block_size  # adjacent blocks start at a block boundary
+        first = first_slot // bs
+        blocks = torch.arange(first, first + -(-length // bs), device=self.device).unsqueeze(0)
+        k, v = self.read_blocks(layer, blocks)
+        return k[0, :length], v[0, :length]

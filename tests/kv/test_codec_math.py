@@ -1,0 +1,145 @@
+"""Each quantized codec's encode/decode error against a float64 reference, with the bound its
+rule implies (derived below, not fitted), and memory accounting == bytes actually allocated."""
+import pytest
+import torch
+
+from leanlm.kv.bfp import BfpCodec
+from leanlm.kv.codecs import PlainCodec
+from leanlm.kv.quantized import Fp8Codec, KiviCodec, pack_codes, unpack_codes
+from leanlm.kv.spec import KVSpec, build_codec
+
+L, H, D, BS, NB = 2, 2, 64, 16, 6
+CPU = torch.device("cpu")
+
+
+def sample(n, seed=0):
+    """K/V-like data: a spread of magnitudes and a few outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, H, D, generator=g, dtype=torch.float64) * torch.exp(torch.randn(1, H, D, generator=g))
+    x[:, :, 3] *= 40
+    return x.float()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_round_trip(bits):
+    q = torch.randint(0, 1 << bits, (5, 3, D), dtype=torch.uint8)
+    p = pack_codes(q, bits)
+    assert p.shape == (5, 3, D * bits // 8)
+    assert torch.equal(unpack_codes(p, bits), q)
+
+
+@pytest.mark.parametrize("fmt, mbits, sub_half", [("e4m3", 3, 2.0**-10), ("e5m2", 2, 2.0**-17)])
+def test_fp8_error_bound(fmt, mbits, sub_half):
+    codec = Fp8Codec(L, NB * BS, BS, H, D, torch.float32, CPU, fmt)
+    x = sample(40)
+    x[0] = 0  # all-zero head vectors decode to zero
+    codes, e = codec.encode(x)
+    xh = codec.decode(codes, e).double()
+    amax, p2 = x.double().abs().amax(-1), torch.exp2(e.double())
+    # e is the smallest exponent that keeps amax / 2^e within the format's max
+    assert (amax / p2 <= codec.fmax).all() and ((amax / p2 > codec.fmax / 2) | (amax == 0)).all()
+    # round to nearest with `mbits` mantissa bits: half an ulp, relative 2^-(mbits+1) for normals,
+    # half the subnormal spacing (scaled) below
+    bound = torch.maximum(x.double().abs() * 2.0**-(mbits + 1), p2.unsqueeze(-1) * sub_half)
+    assert ((xh - x.double()).abs() <= bound).all()
+    assert torch.equal(xh[0], torch.zeros(H, D, dtype=torch.float64))
+
+
+def write_blocks(codec, n_tokens, seed=0):
+    k, v = sample(n_tokens, seed), sample(n_tokens, seed + 1)
+    slots = torch.arange(n_tokens)
+    for layer in range(L):
+        codec.write(layer, slots, k, v)
+    return k, v
+
+
+def asym_bound(x, s, qmax):
+    """|x - (z + q s)| <= s/2, plus float32 rounding: (x - z)/s off by 2u*qmax, z + q s by u|x|."""
+    return s * (0.5 + 2.0**-23 * qmax) + 2.0**-23 * x.abs()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_kivi_error_bound_and_full_precision_residual(bits):
+    qmax = (1 << bits) - 1
+    codec = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, bits, max_partial=2)
+    n = 3 * BS + 5  # three full blocks, five tokens of a fourth still filling
+    k, v = write_blocks(codec, n)
+    kh, vh = codec.read_blocks(1, torch.tensor([[0, 1, 2, 3]]))
+    kh, vh = kh[0, :n].double(), vh[0, :n].double()
+    full = 3 * BS
+    # keys: per channel over each block's 16 tokens
+    ks = codec.ks[1][:3].double().repeat_interleave(BS, 0).view(full, H, D)
+    kb = k[:full].double().view(3, BS, H, D)
+    span = (kb.amax(1) - kb.amin(1)).repeat_interleave(BS, 0).view(full, H, D)
+    # the stored scale: range / qmax rounded up to float16 (zero rounded down: +1 ulp of the min)
+    lo = kb.amin(1).abs().repeat_interleave(BS, 0).view(full, H, D)
+    assert (ks <= (span + lo * 2.0**-10) / qmax * (1 + 2.0**-10) + 2.0**-24).all()
+    assert ((kh[:full] - k[:full].double()).abs() <= asym_bound(k[:full].double(), ks, qmax)).all()
+    # values: per token over groups of 32 channels
+    vs = codec.vs[1].view(-1, H, D // 32, 1)[:full].double().expand(full, H, D // 32, 32).reshape(full, H, D)
+    assert ((vh[:full] - v[:full].double()).abs() <= asym_bound(v[:full].double(), vs, qmax)).all()
+    # the block still filling is KIVI's residual: exact
+    assert torch.equal(kh[full:], k[full:].double()) and torch.equal(vh[full:], v[full:].double())
+    # ... until its last token arrives: then it is quantized and its residual row is free again
+    rest, slots = sample(BS - 5, seed=7), torch.arange(n, 4 * BS)
+    for layer in range(L):  # one step: every layer writes the same slot mapping
+        codec.write(layer, slots, rest, rest)
+    k4, _ = codec.read_slots(1, 3 * BS, BS)
+    whole = torch.cat((k[full:], rest)).double()
+    s4 = codec.ks[1][3].double()
+    assert not torch.equal(k4.double(), whole)
+    assert ((k4.double() - whole).abs() <= asym_bound(whole, s4, qmax)).all()
+    assert codec.res_row[3] == -1 and len(codec._free_rows) == 2
+
+
+def test_kivi_release_frees_the_residual_row():
+    codec = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, 4, max_partial=1)
+    write_blocks(codec, 5)
+    with pytest.raises(RuntimeError, match="no free residual row"):
+        codec.write(0, torch.tensor([BS]), sample(1), sample(1))
+    codec.release([0])
+    codec.write(0, torch.tensor([BS]), sample(1), sample(1))
+
+
+@pytest.mark.parametrize("m, block", [(16, 16), (8, 16), (4, 8), (3, 16), (2, 32)])
+def test_bfp_error_bound(m, block):
+    codec = BfpCodec(L, NB * BS, BS, H, D, torch.float32, CPU, m, block)
+    x = sample(40)
+    codes, e = codec.encode(x)
+    xh = codec.decode(codes, e).double()
+    step = torch.exp2(e.double() - (m - 2)).repeat_interleave(block, -1)
+    qmax = (1 << (m - 1)) - 1
+    err = (xh - x.double()).abs()
+    inside = x.double().abs() <= (qmax + 0.5) * step   # round to nearest: half a step
+    assert (err[inside] <= step[inside] / 2).all()
+    assert (err[~inside] < step[~inside]).all()         # the few that saturate: under a step
+    # e = floor(log2 of the block's absmax)
+    amax = x.double().abs().unflatten(-1, (-1, block)).amax(-1)
+    assert ((torch.exp2(e.double()) <= amax) & (amax < torch.exp2(e.double() + 1))).all()
+
+
+@pytest.mark.parametrize("text, per_head_layer", [
+    # per token, per layer and KV head (D = 64 channels, blocks of 16 tokens), K + V:
+    ("fp32", 2 * 64 * 4), ("bf16", 2 * 64 * 2), ("fp16", 2 * 64 * 2),
+    ("fp8:e4m3", 2 * (64 + 1)),                                  # codes + an int8 exponent
+    ("kivi:8", 2 * 64 + 2 * 2 * 64 // 16 + 2 * 2 * 2),            # codes, K (s, z) per block, V per 32
+    ("kivi:4", 2 * 32 + 16 + 8), ("kivi:2", 2 * 16 + 16 + 8),     # 2 and 4 codes per byte
+    ("bfp:8", 2 * (64 + 4)), ("bfp:4:b8", 2 * (32 + 8)), ("bfp:16", 2 * (128 + 4)), ("bfp:3", 2 * (64 + 4)),
+])
+def test_memory_accounting_equals_bytes_allocated(text, per_head_layer):
+    codec = build_codec(KVSpec.parse(text), L, NB, BS, H, D, torch.bfloat16, CPU, max_seqs=3,
+                        key_perm=torch.arange(D).expand(L, H, D))
+    assert codec.bytes_per_token() == L * H * per_head_layer
+    tensors = codec.tensors()
+    allocated = sum(t.numel() * t.element_size() for t in tensors)
+    assert codec.allocated_bytes() == allocated == NB * BS * codec.bytes_per_token() + codec.fixed_bytes()
+    residual = 2 * L * 3 * BS * H * D * 2 if text.startswith("kivi") else 0  # 3 rows of bf16 K and V
+    assert codec.fixed_bytes() == residual
+
+
+def test_plain_codec_in_another_dtype_reads_back_in_the_compute_dtype():
+    codec = PlainCodec(L, NB * BS, BS, H, D, torch.float32, CPU, storage_dtype=torch.float16, spec="fp16")
+    k, v = write_blocks(codec, 20)
+    kh, vh = codec.read_slots(0, 0, 20)
+    assert kh.dtype == torch.float32 and not codec.exact
+    assert torch.equal(kh, k.half().float()) and torch.equal(vh, v.half().float())
