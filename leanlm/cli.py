@@ -18,6 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, metavar="SPEC",
                    help="weight quantization applied at load time: rtn:FORMAT[:gGROUP], e.g. rtn:int8, "
                         "rtn:int4:g32, rtn:nvfp4 (formats: int8/4/3/2, nf4, fp8/6/4, mxfp*, nvfp4, ternary, bfp*)")
+    p.add_argument("--quant-head", action="store_true",
+                   help="with --quant: quantize the LM head too (default: it stays in the compute dtype)")
     p.add_argument("--kv", default=None, metavar="SPEC",
                    help="KV cache codec: fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG] (8/4/2 bits), "
                         "bfp:MANTISSA[:bBLOCK][:reorder] (default: the compute dtype)")
@@ -59,6 +61,7 @@ def load_llm(args, **overrides):
     options = dict(model=resolve_model_arg(args), dtype=args.dtype, device=args.device, seed=args.seed,
                    compile=getattr(args, "compile", False),
                    kv_cache_memory=getattr(args, "kv_cache_memory", None), quant=getattr(args, "quant", None),
+                   quant_head=getattr(args, "quant_head", False),
                    kv=getattr(args, "kv", None))
     options.update(overrides)
     t0 = time.perf_counter()

@@ -88,6 +88,9 @@ class EngineConfig:
             from leanlm.quant.spec import QuantSpec
 
             self.quant_spec = QuantSpec.parse(self.quant)
+        if self.quant_head and self.quant is None:
+            raise ValueError("quant_head=True (--quant-head) quantizes the LM head with the --quant spec; "
+                             "give one, e.g. --quant rtn:int8 --quant-head")
         self.kv_spec = None
         if self.kv is not None:
             from leanlm.kv.spec import KVSpec

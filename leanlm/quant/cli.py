@@ -74,7 +74,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"output directory {str(out)!r} exists and is not empty; pass --overwrite")
-    llm = load_llm(args, quant=None, compile=False)  # the float model; --quant is what we apply
+    llm = load_llm(args, quant=None, quant_head=False, compile=False)  # the float model; --quant is applied here
     calib = None
     if spec.algorithm == "gptq":
         calib = load_calibration(llm.get_tokenizer(), args.calib, args.calib_sequences, args.calib_len, args.seed)
@@ -88,7 +88,7 @@ def cmd_quantize(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        stats = quantize_model(llm.engine.model, spec, calib, progress)
+        stats = quantize_model(llm.engine.model, spec, calib, progress, quant_head=args.quant_head)
     finally:
         bar.close()
     save_quantized(llm.engine.model, llm.engine.model_path, out, spec, overwrite=args.overwrite,

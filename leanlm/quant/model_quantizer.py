@@ -72,9 +72,11 @@ def _dense_weights(linears):
 
 @torch.inference_mode()
 def quantize_model(model, spec: QuantSpec, calib: list[list[int]] | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict:
+                   progress: Callable[[str], None] | None = None, quant_head: bool = False) -> dict:
     """Quantize every decoder linear layer of `model` in place with `spec` (RTN needs no
-    calibration; GPTQ uses `calib`, token-id sequences). Returns timing and error statistics."""
+    calibration; GPTQ uses `calib`, token-id sequences), and with `quant_head` the LM head by
+    round to nearest in the same format (as `--quant-head` does at load time). Returns timing
+    and error statistics."""
     from leanlm.quant.calibrate import HessianCollector
     from leanlm.quant.gptq import gptq_quantize
 
@@ -115,4 +117,9 @@ def quantize_model(model, spec: QuantSpec, calib: list[list[int]] | None = None,
                 hidden = _run_layer(model, layer, hidden, cache)  # through the quantized layer
         if progress:
             progress(f"layer {i + 1}/{len(model.layers)} quantized ({time.perf_counter() - t0:.0f} s)")
+    if quant_head:
+        head = model.lm_head
+        method = WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate, rotate_block=spec.rotate_block)
+        head.method = method
+        method.process_after_loading(head)  # RTN of the (rotated) head weight
     return {"seconds": time.perf_counter() - t0, "layers": len(model.layers), "spec": str(spec)}

@@ -160,3 +160,20 @@ def test_dense_propagation_computes_the_quantized_layer(tiny_model_dir, spec):
     tol = 2e-2 if spec == "rtn:int4:g32" else 1e-5
     for a, b in zip(kernels, dense):
         torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+
+
+def test_quant_head_flag_at_load_time_and_in_quantize(tiny_model_dir, tmp_path, capsys):
+    """--quant-head quantizes the LM head (at load time and in `leanlm quantize`); without a
+    --quant spec it is a clear error."""
+    from leanlm.cli import main
+
+    path = str(tiny_model_dir("llama"))
+    out = tmp_path / "q"
+    assert main(["quantize", path, "--quant", "rtn:int8", "--quant-head", "-o", str(out)]) == 0
+    manifest = json.loads((out / "quantization.json").read_text())
+    assert "lm_head" in manifest["layers"] and manifest["layers"]["lm_head"]["format"] == "int8"
+    at_load = LLM(path, dtype="float32", quant="rtn:int8", quant_head=True)
+    assert type(at_load.engine.model.lm_head.method).__name__ == "WeightOnlyMethod"
+    assert logprobs(LLM(str(out)), [5, 17, 42]) == logprobs(at_load, [5, 17, 42])
+    assert main(["generate", "hi", "--model", path, "--quant-head", "--max-tokens", "2"]) == 2
+    assert "--quant-head" in capsys.readouterr().err
