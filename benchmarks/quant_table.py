@@ -13,12 +13,16 @@ Speed (tg128 vs float32, same run) comes from benchmarks/quant_latency.py.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+
+KV_BUDGET = "256MiB"  # one 2048-token window at a time needs ~90 MiB of float32 KV
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -101,16 +105,17 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         row: dict = {}
         if item == "none":
-            llm = LLM(args.model, dtype="float32")
+            llm = LLM(args.model, dtype="float32", kv_cache_memory=KV_BUDGET)
         else:
             spec = QuantSpec.parse(item)
             ckpt = Path(args.ckpt_dir) / item.replace(":", "_")
             if is_quantized_checkpoint(ckpt):
-                llm = LLM(str(ckpt), dtype="float32")
+                llm = LLM(str(ckpt), dtype="float32", kv_cache_memory=KV_BUDGET)
                 meta = json.loads((ckpt / "quantization.json").read_text())
                 row["quantize_seconds"] = (meta.get("extra") or {}).get("seconds")
             else:
-                llm = LLM(args.model, dtype="float32", quant=item if spec.algorithm == "rtn" else None)
+                llm = LLM(args.model, dtype="float32", quant=item if spec.algorithm == "rtn" else None,
+                          kv_cache_memory=KV_BUDGET)
                 if spec.algorithm == "gptq":
                     calib = load_calibration(llm.get_tokenizer())
                     stats = quantize_model(llm.engine.model, spec, calib,
@@ -128,6 +133,7 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(done, indent=2))
         print(f"[table] {item}: ppl {r.ppl:.3f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
         del llm
+        gc.collect()  # engines hold reference cycles: free each model before the next loads
     print_table(done)
     return 0
 
