@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv", default=None, metavar="SPEC",
                    help="KV cache codec: fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG] (8/4/2 bits), "
                         "bfp:MANTISSA[:bBLOCK][:reorder] (default: the compute dtype)")
+    p.add_argument("--spec", default=None, metavar="SPEC",
+                   help="speculative decoding: ngram[:n=N][:k=K], early-exit:E[:k=K], draft:MODEL[:k=K], "
+                        "self:QUANT[:k=K] (lossless: greedy output is unchanged)")
     p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="KV cache budget: a size (2GiB, 512MiB) or a fraction of free memory (0.3); "
                         "default: min(4GiB, 40%% of available memory)")
@@ -62,7 +65,7 @@ def load_llm(args, **overrides):
                    compile=getattr(args, "compile", False),
                    kv_cache_memory=getattr(args, "kv_cache_memory", None), quant=getattr(args, "quant", None),
                    quant_head=getattr(args, "quant_head", False),
-                   kv=getattr(args, "kv", None))
+                   kv=getattr(args, "kv", None), spec=getattr(args, "spec", None))
     options.update(overrides)
     t0 = time.perf_counter()
     llm = LLM(**options)

@@ -78,6 +78,8 @@ class EngineConfig:
     quant: str | None = None               # weight quantization spec, e.g. 'rtn:int8', 'rtn:int4:g32'
     quant_head: bool = False               # also quantize the LM head (default: compute dtype)
     kv: str | None = None                  # KV cache codec spec, e.g. 'fp8:e4m3', 'kivi:4', 'bfp:8:reorder'
+    spec: str | None = None                # speculative decoding, e.g. 'ngram:n=3:k=8', 'early-exit:8'
+    spec_max_batch: int = 4                # no drafting in steps with more decoding sequences
 
     def __post_init__(self):
         self.torch_dtype = parse_dtype(self.dtype)
@@ -96,13 +98,19 @@ class EngineConfig:
             from leanlm.kv.spec import KVSpec
 
             self.kv_spec = KVSpec.parse(self.kv)
+        self.spec_config = None
+        if self.spec is not None:
+            from leanlm.spec.config import SpecConfig
+
+            self.spec_config = SpecConfig.parse(self.spec)
+            self.spec = str(self.spec_config)
         group = self.kv_spec.group if self.kv_spec is not None else None
         if self.block_size is None:
             self.block_size = group or 16
         elif group is not None and group != self.block_size:
             raise ValueError(f"kv spec {self.kv!r} groups keys over {group} tokens, which must equal "
                              f"block_size, got block_size={self.block_size!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "spec_max_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

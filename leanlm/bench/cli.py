@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def register(sub, add_model_args) -> None:
-    from leanlm.bench import latency, perplexity, serve_load, throughput
+    from leanlm.bench import latency, perplexity, serve_load, spec, throughput
 
     p = sub.add_parser("eval", help="quality: perplexity (more evals to come)",
                        description="Measure model quality on local evaluation data.")
@@ -16,3 +16,4 @@ def register(sub, add_model_args) -> None:
     latency.add_parser(benches, add_model_args)
     throughput.add_parser(benches, add_model_args)
     serve_load.add_parser(benches)
+    spec.add_parser(benches, add_model_args)

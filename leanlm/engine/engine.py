@@ -5,6 +5,7 @@ The loop is nano-vllm's: schedule, run, postprocess. The engine owns the only mu
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -97,6 +98,14 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self.speculator = None
+        if config.spec_config is not None:
+            if config.compile:
+                raise ValueError(f"spec={config.spec!r} needs the paged cache (KV rollback); "
+                                 "compile=True uses the contiguous cache: drop one of them")
+            from leanlm.spec.speculator import build_speculator
+
+            self.speculator = build_speculator(config.spec_config, self)
 
     def _build_cache(self):
         """The paged cache sized from the memory budget; with compile=True the contiguous cache,
@@ -192,12 +201,17 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+                if self.speculator is not None:
+                    self.speculator.release(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.speculator is not None:
+            stats.spec = copy.copy(self.speculator.stats)
+        return stats
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -208,14 +222,22 @@ class LLMEngine:
         for seq, _ in batch:
             m = self.requests[seq.request_id].metrics
             m.first_scheduled_time = m.first_scheduled_time or now
-        seqs, logits = self.runner.execute(batch)
+        drafts = self.speculator.plan(batch) if self.speculator is not None else {}
+        seqs, logits = self.runner.execute(batch, drafts)
         self.scheduler.computed(batch)
         touched: dict[str, _Request] = {}
         if seqs:
-            result = self.sampler.sample(logits, [s.state for s in seqs])
+            plain, plain_rows, spec, spec_logits = self._split_rows(seqs, logits, drafts)
+            if plain:
+                result = self.sampler.sample(logits[plain_rows] if drafts else logits, [s.state for s in plain])
+                for i, seq in enumerate(plain):
+                    self._append_token(seq, result.token_ids[i], result, i)
+            if spec:
+                emitted = self.speculator.verify(spec, spec_logits, drafts, self.sampler)
+                for seq, tokens in zip(spec, emitted):
+                    self._append_verified(seq, tokens)
             now = time.time()
-            for i, seq in enumerate(seqs):
-                self._append_token(seq, result.token_ids[i], result, i)
+            for seq in seqs:
                 req = self.requests[seq.request_id]
                 req.metrics.first_token_time = req.metrics.first_token_time or now
                 touched[req.request_id] = req
@@ -227,6 +249,36 @@ class LLMEngine:
                 del self.requests[req.request_id]
             outputs.append(out)
         return outputs
+
+    @staticmethod
+    def _split_rows(seqs, logits, drafts):
+        """Logits rows -> (plain sequences, their rows, drafted sequences, their [k+1, V] blocks)."""
+        if not drafts:
+            return seqs, None, [], []
+        plain, plain_rows, spec, spec_logits = [], [], [], []
+        at = 0
+        for seq in seqs:
+            draft = drafts.get(seq)
+            if draft is None:
+                plain.append(seq)
+                plain_rows.append(at)
+                at += 1
+            else:
+                spec.append(seq)
+                spec_logits.append(logits[at:at + len(draft.tokens) + 1])
+                at += len(draft.tokens) + 1
+        return plain, plain_rows, spec, spec_logits
+
+    def _append_verified(self, seq: Sequence, tokens: list[int]) -> None:
+        """Keep the accepted drafts' K/V (roll back the rest, freeing their blocks), make full
+        blocks of committed tokens shareable, then emit the tokens until one finishes the sequence."""
+        seq.num_cached += len(tokens) - 1
+        self.cache.rollback(seq.kv, seq.num_cached)
+        self.cache.commit(seq.kv, seq.token_ids + tokens[:-1], seq.num_cached)
+        for token in tokens:
+            self._append_token(seq, token, None, 0)
+            if seq.is_finished:
+                break
 
     def _append_token(self, seq: Sequence, token: int, result, row: int) -> None:
         seq.token_ids.append(token)
@@ -260,6 +312,8 @@ class LLMEngine:
                 reason, stop_reason = "stop", tail.stop_reason
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = [CompletionOutput(

@@ -57,3 +57,4 @@ class EngineStats:
     prefix_cache_queries: int   # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int      # of those, tokens found cached (cumulative)
     num_preemptions: int        # sequences preempted for recomputation (cumulative)
+    spec: object | None = None  # SpecStats (leanlm.spec.speculator) when speculative decoding is on

@@ -25,7 +25,12 @@ class ModelRunner:
             self.compiled_decode = torch.compile(model.forward)  # a new shape recompiles once, as dynamic
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+    def execute(self, batch: list[tuple[Sequence, int]],
+                drafts: dict | None = None) -> tuple[list[Sequence], torch.Tensor]:
+        """-> the sequences that get tokens and their logits, one row each; a sequence with a
+        draft (speculative decoding) gets k + 1 rows: [last token, d_1..d_k] are verified in this
+        same forward, and only its last token counts as cached until the verifier decides."""
+        drafts = drafts or {}
         ids: list[int] = []
         positions: list[int] = []
         slices: list[SeqSlice] = []
@@ -33,23 +38,52 @@ class ModelRunner:
         to_sample: list[Sequence] = []
         for seq, n in batch:
             start = seq.num_cached
-            slices.append(SeqSlice(seq.kv, start, n, len(ids)))
+            draft = drafts.get(seq)
+            extra = draft.tokens if draft is not None else []
+            slices.append(SeqSlice(seq.kv, start, n + len(extra), len(ids)))
             ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
+            ids.extend(extra)
+            positions.extend(range(start, start + n + len(extra)))
             seq.num_cached = start + n
             if seq.num_cached == len(seq.token_ids):
-                sample_rows.append(len(ids) - 1)
+                sample_rows.extend(range(len(ids) - len(extra) - 1, len(ids)))
                 to_sample.append(seq)
         ids_t = torch.tensor(ids, device=self.device)
         pos_t = torch.tensor(positions, device=self.device)
-        ctx = self.cache.prepare(slices)
-        view = self.cache.static_decode_view(ctx) if self.compiled_decode is not None else None
-        if view is not None:
-            hidden = self.compiled_decode(ids_t, pos_t, view, pos_t)
+        resume = [d for d in drafts.values() if d.hidden is not None]
+        if resume and getattr(self.cache, "split_steps", False):
+            hidden = self._resume(batch, drafts, slices, ids_t, pos_t, resume[0].skip)
         else:
-            hidden = self.model(ids_t, pos_t, self.cache, ctx)
+            ctx = self.cache.prepare(slices)
+            view = self.cache.static_decode_view(ctx) if self.compiled_decode is not None else None
+            if view is not None:
+                hidden = self.compiled_decode(ids_t, pos_t, view, pos_t)
+            else:
+                hidden = self.model(ids_t, pos_t, self.cache, ctx)
         if not to_sample:
             return [], hidden.new_empty(0)
         if len(sample_rows) != hidden.shape[0]:
             hidden = hidden[torch.tensor(sample_rows, device=self.device)]
         return to_sample, self.model.compute_logits(hidden).float()
+
+    def _resume(self, batch, drafts, slices, ids_t, pos_t, skip: int) -> torch.Tensor:
+        """Early-exit verification: drafted sequences already ran layers < skip (their K/V is in
+        the cache, their residual stream in the draft); only the others run those layers here,
+        then every token runs layers >= skip together."""
+        x = torch.empty(len(ids_t), self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
+        low_rows: list[int] = []
+        low_slices: list[SeqSlice] = []
+        for (seq, _), s in zip(batch, slices):
+            draft = drafts.get(seq)
+            if draft is not None and draft.hidden is not None:
+                x[s.q_offset:s.q_offset + s.n] = draft.hidden
+            else:
+                low_slices.append(SeqSlice(s.kv, s.start, s.n, len(low_rows)))
+                low_rows.extend(range(s.q_offset, s.q_offset + s.n))
+        if low_rows:
+            rows = torch.tensor(low_rows, device=self.device)
+            low_ctx = self.cache.prepare(low_slices)
+            x[rows] = self.model.run_layers(self.model.embed_tokens(ids_t[rows]), pos_t[rows],
+                                            self.cache, low_ctx, 0, skip)
+        ctx = self.cache.prepare(slices)
+        return self.model.norm(self.model.run_layers(x, pos_t, self.cache, ctx, skip))

@@ -180,6 +180,23 @@ class BlockManager:
         table.blocks.clear()
         table.hashes.clear()
 
+    def truncate(self, table: BlockTable, num_tokens: int) -> list[int]:
+        """Speculative rollback: keep only the blocks the first num_tokens tokens need, dropping
+        the tail that held rejected draft tokens. Committed (hashed) blocks are never dropped:
+        drafts are written after the committed tokens. Returns the dropped block ids."""
+        keep = -(-num_tokens // self.block_size)
+        if num_tokens < len(table.hashes) * self.block_size:
+            raise ValueError(f"truncate to {num_tokens} tokens would drop committed blocks "
+                             f"({len(table.hashes)} are hashed)")
+        dropped = table.blocks[keep:]
+        for block in reversed(dropped):
+            self._ref[block] -= 1
+            if self._ref[block] == 0:  # unhashed (never shared): straight back to the free heap
+                self._num_used -= 1
+                heapq.heappush(self._free, block)
+        del table.blocks[keep:]
+        return dropped
+
     def fork(self, table: BlockTable) -> BlockTable:
         """A new table sharing the full hashed blocks of `table` (e.g. for n > 1 samples)."""
         n = len(table.hashes)

@@ -78,6 +78,9 @@ class PagedKVCache(KVCache):
         self.num_kv_heads, self.window = num_kv_heads, sliding_window
         # the codec's spec is part of every prefix hash: blocks stored differently never match
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, salt=f"{salt}|{codec.spec}")
+        from leanlm.kv.quantized import KiviCodec
+
+        self.blockwise = isinstance(codec, KiviCodec)  # quantizes whole blocks as they fill
         self.key_perm = self.query_perm = None
         if codec.key_perm is not None:  # bfp reorder: q and k channels permuted alike, q.k unchanged
             self.key_perm = codec.key_perm.to(self.device)
@@ -98,6 +101,29 @@ class PagedKVCache(KVCache):
     def release(self, handle: BlockTable) -> None:
         self.codec.release(handle.blocks)
         self.blocks.free(handle)
+
+    def rollback(self, handle: BlockTable, num_tokens: int) -> None:
+        """Speculative decoding rejected drafts: keep room for num_tokens tokens only. The slots of
+        rejected tokens left in the kept last block hold stale K/V that attention masks out and
+        the next tokens overwrite; they are never hashed (commit covers computed tokens only)."""
+        dropped = self.blocks.truncate(handle, num_tokens)
+        if dropped:
+            self.codec.release(dropped)
+
+    def draft_room(self, first_draft_pos: int) -> int:
+        """How many draft tokens may be written from position first_draft_pos on. A codec that
+        quantizes a block when its last slot is written (KIVI) cannot take back a block filled by
+        drafts that are then rejected, so drafts stop short of a block's last slot there."""
+        if not self.blockwise:
+            return 1 << 30
+        off = first_draft_pos % self.block_size
+        return 0 if off == 0 else self.block_size - 1 - off
+
+    @property
+    def split_steps(self) -> bool:
+        """Whether one step may write different layers of a token in separate passes (early-exit
+        verification resuming from the draft's hidden states); not with per-step block plans."""
+        return not self.blockwise
 
     def usage(self) -> tuple[int, int, int]:
         return self.blocks.num_used, self.blocks.num_free, self.block_size

@@ -111,6 +111,15 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, tables, cache, ctx)
         return self.norm(x)
 
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, cache, ctx, start: int = 0,
+                   end: int | None = None) -> torch.Tensor:
+        """The residual stream x [T, hidden] through layers start..end-1 (not normed): early-exit
+        drafts run the first layers, and verification resumes from their output."""
+        tables = self.rope.tables(positions)
+        for layer in self.layers[start:end]:
+            x = layer(x, tables, cache, ctx)
+        return x
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 

@@ -48,7 +48,7 @@ def cmd_serve(args) -> int:
     llm = AsyncLLM(LLMEngine(EngineConfig(
         model=model, dtype=args.dtype, device=args.device, seed=args.seed, compile=args.compile,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, quant=args.quant)), start=False)
+        max_model_len=args.max_model_len, quant=args.quant, spec=args.spec)), start=False)
     name = args.served_model_name or model or EMBEDDED_ALIAS
     print(f"[leanlm] loaded {llm.model_path} in {time.perf_counter() - t0:.1f}s; serving it as "
           f"{name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""),

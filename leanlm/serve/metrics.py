@@ -60,6 +60,26 @@ class _EngineCollector:
         yield counter("leanlm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       s.prefix_cache_hits)
         yield counter("leanlm:num_preemptions", "Sequences preempted for recomputation.", s.num_preemptions)
+        if s.spec is not None:  # speculative decoding, labelled with its proposer's spec
+            yield from _spec_metrics(s.spec, self.model_name)
+
+
+def _spec_metrics(spec, model_name: str):
+    labels, values = ["model_name", "spec"], [model_name, spec.spec]
+    for kind, name, doc, value in (
+            (CounterMetricFamily, "spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec.drafted),
+            (CounterMetricFamily, "spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.accepted),
+            (CounterMetricFamily, "spec_decode_num_verifications", "Sequence steps that verified a draft.",
+             spec.verifications),
+            (CounterMetricFamily, "spec_decode_num_target_forwards", "Target model forward passes (engine "
+             "steps).", spec.target_forwards),
+            (GaugeMetricFamily, "spec_decode_draft_acceptance_rate", "Accepted / drafted tokens (cumulative).",
+             spec.acceptance_rate),
+            (GaugeMetricFamily, "spec_decode_mean_accepted_length", "Tokens emitted per verification "
+             "(accepted drafts + 1, cumulative).", spec.mean_accepted_len)):
+        m = kind(f"leanlm:{name}", doc, labels=labels)
+        m.add_metric(values, value)
+        yield m
 
 
 class ServerMetrics:

@@ -1,0 +1,84 @@
+"""`--spec SPEC` / `LLM(spec=...)`: which proposer drafts tokens, parsed once, round-tripping to
+its canonical string (the string every report prints).
+
+    ngram[:n=N][:k=K]          prompt lookup: the last N tokens matched earlier in the sequence
+    early-exit:E[:k=K]         the target's first E layers + final norm + LM head
+    draft:MODEL[:k=K]          a separate model with the target's tokenizer
+    self:QUANT[:k=K]           the target itself, quantized (e.g. self:rtn:int4:g32)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("ngram", "early-exit", "draft", "self")
+DEFAULT_K = {"ngram": 8, "early-exit": 4, "draft": 5, "self": 4}
+DEFAULT_NGRAM_N = 3
+MAX_K = 32
+FORMS = ("ngram[:n=N][:k=K], early-exit:E[:k=K], draft:MODEL[:k=K], self:QUANT[:k=K] "
+         "(e.g. ngram:n=3:k=8, early-exit:8, draft:/path/to/model:k=5, self:rtn:int4:g32)")
+
+
+def _bad(spec: str, why: str) -> ValueError:
+    return ValueError(f"spec {spec!r}: {why}; allowed forms: {FORMS}")
+
+
+def _int_option(spec: str, name: str, value: str, low: int, high: int) -> int:
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise _bad(spec, f"{name}={value!r} must be an integer in [{low}, {high}]")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    kind: str                    # one of KINDS
+    k: int                       # most draft tokens per step
+    n: int = DEFAULT_NGRAM_N     # ngram: tokens matched
+    exit_layer: int = 0          # early-exit: layers the draft runs
+    target: str = ""             # draft: the model; self: the quant spec
+
+    @classmethod
+    def parse(cls, spec: "str | SpecConfig") -> "SpecConfig":
+        if isinstance(spec, SpecConfig):
+            return spec
+        if not isinstance(spec, str) or not spec.strip():
+            raise _bad(str(spec), "empty or not a string")
+        text = spec.strip()
+        kind, _, rest = text.partition(":")
+        if kind not in KINDS:
+            raise _bad(spec, f"unknown proposer {kind!r} (known: {', '.join(KINDS)})")
+        parts = rest.split(":") if rest else []
+        # k= (and n=) options come last; everything before them is the proposer's argument,
+        # which may itself hold colons (a quant spec, a path)
+        options: dict[str, str] = {}
+        while parts and "=" in parts[-1]:
+            name, _, value = parts.pop().partition("=")
+            if name in options or name not in (("k", "n") if kind == "ngram" else ("k",)):
+                raise _bad(spec, f"option {name!r} is not allowed here or repeated")
+            options[name] = value
+        arg = ":".join(parts)
+        k = _int_option(spec, "k", options["k"], 1, MAX_K) if "k" in options else DEFAULT_K[kind]
+        if kind == "ngram":
+            if arg:
+                raise _bad(spec, f"ngram takes only n= and k= options, got {arg!r}")
+            n = _int_option(spec, "n", options["n"], 1, 64) if "n" in options else DEFAULT_NGRAM_N
+            return cls("ngram", k, n=n)
+        if not arg:
+            raise _bad(spec, f"{kind} needs an argument")
+        if kind == "early-exit":
+            if arg == "auto":
+                raise _bad(spec, "early-exit:auto (DEL) is not implemented yet; give an exit layer")
+            return cls(kind, k, exit_layer=_int_option(spec, "exit layer", arg, 1, 10_000))
+        if kind == "self":
+            from leanlm.quant.spec import QuantSpec
+
+            try:
+                arg = str(QuantSpec.parse(arg))
+            except ValueError as e:
+                raise _bad(spec, f"bad quant spec ({e})") from None
+        return cls(kind, k, target=arg)
+
+    def __str__(self) -> str:
+        if self.kind == "ngram":
+            return f"ngram:n={self.n}:k={self.k}"
+        arg = self.exit_layer if self.kind == "early-exit" else self.target
+        return f"{self.kind}:{arg}:k={self.k}"

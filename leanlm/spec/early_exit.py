@@ -1,0 +1,76 @@
+"""early-exit:E — LayerSkip-style self-speculation: the target's first E layers, its final norm
+and its LM head draft the tokens. The draft writes the K/V of layers < E straight into the
+target's cache (they are exactly what the target computes for those layers), and hands over each
+token's residual stream after layer E-1, so verification only runs layers >= E."""
+from __future__ import annotations
+
+import torch
+
+from leanlm.kv.cache import SeqSlice
+from leanlm.spec.proposer import Draft, Proposer
+from leanlm.spec.verify import _draw
+
+
+class EarlyExitProposer(Proposer):
+    name = "early-exit"
+    uses_target_cache = True
+
+    def __init__(self, model, cache, exit_layer: int, sampler):
+        n = len(model.layers)
+        if not 1 <= exit_layer < n:
+            raise ValueError(f"early-exit:{exit_layer}: the exit layer must be in [1, {n - 1}] "
+                             f"(the model has {n} layers)")
+        self.model, self.cache, self.exit_layer, self.sampler = model, cache, exit_layer, sampler
+
+    @torch.inference_mode()
+    def propose(self, seqs, ks):
+        model, device = self.model, self.model.embed_tokens.weight.device
+        n = len(seqs)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        qs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        hidden: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        last = [s.token_ids[-1] for s in seqs]
+        # pass j feeds each sequence's j-th input (its last token, then its drafts); pass k_i
+        # only computes d_k's layers < E (its K/V and residual stream), no LM head
+        for step in range(max(ks) + 1):
+            act = [i for i in range(n) if step <= ks[i]]
+            if not act:
+                break
+            pos = [len(seqs[i].token_ids) - 1 + step for i in act]
+            slices = [SeqSlice(seqs[i].kv, p, 1, j) for j, (i, p) in enumerate(zip(act, pos))]
+            ctx = self.cache.prepare(slices)
+            ids = torch.tensor([last[i] for i in act], device=device)
+            x = model.run_layers(model.embed_tokens(ids), torch.tensor(pos, device=device),
+                                 self.cache, ctx, 0, self.exit_layer)
+            for j, i in enumerate(act):
+                hidden[i].append(x[j])
+            head = [j for j, i in enumerate(act) if step < ks[i]]
+            if not head:
+                continue
+            logits = model.compute_logits(model.norm(x[head])).float()
+            drafted = draft_tokens(logits, [seqs[act[j]] for j in head], self.sampler)
+            for j, (tok, q) in zip(head, drafted):
+                i = act[j]
+                tokens[i].append(tok)
+                last[i] = tok
+                if q is not None:
+                    qs[i].append(q)
+        return [Draft(tokens[i], torch.stack(qs[i]) if qs[i] else None,
+                      torch.stack(hidden[i]), self.exit_layer) for i in range(n)]
+
+
+def draft_tokens(logits: torch.Tensor, seqs, sampler) -> list[tuple[int, torch.Tensor | None]]:
+    """One draft token per row: the argmax for greedy requests (q unused), else a draw from the
+    draft distribution q under the request's own sampling parameters and generator."""
+    greedy = logits.max(dim=-1).indices.tolist()
+    out = []
+    sampled = [j for j, s in enumerate(seqs) if not s.params.greedy]
+    probs = sampler.filtered_probs(logits[sampled], [seqs[j].state for j in sampled]) if sampled else None
+    row = {j: r for r, j in enumerate(sampled)}
+    for j, s in enumerate(seqs):
+        if s.params.greedy:
+            out.append((greedy[j], None))
+        else:
+            q = probs[row[j]]
+            out.append((_draw(q, s.state.generator(q.device)), q))
+    return out
