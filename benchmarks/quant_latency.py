@@ -39,8 +39,10 @@ def main(argv=None) -> int:
     for item in [None, *args.quant]:
         # an item may name its own compute dtype: "bfloat16/rtn:int4:g128"
         dtype, _, spec = (item or "").rpartition("/") if item and "/" in item else (args.dtype, "", item)
+        # a small KV pool each: these runs hold one sequence of < 700 tokens, and 14 engines with
+        # the serving default (up to 4 GiB each) would not fit in memory together
         t = LeanlmTarget(LLM(model=args.model, dtype=dtype or args.dtype, quant=spec or None,
-                             enable_prefix_caching=False, compile=args.compile))
+                             kv_cache_memory="256MiB", enable_prefix_caching=False, compile=args.compile))
         t.name = item or args.dtype
         targets.append(t)
     vocab = targets[0].llm.engine.model_config.vocab_size
