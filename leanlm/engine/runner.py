@@ -20,6 +20,10 @@ class ModelRunner:
             # GEMM autotuning picks the AMX / oneDNN kernels for the frozen weights: the
             # measured difference at batch-1 decode (see docs/BENCHMARKS.md), for a longer compile.
             inductor_config.max_autotune = True
+            # The compiled decode graph launches ~450 small kernels per token; a C++ wrapper
+            # instead of the Python one cuts their launch cost (INT8 bf16 decode of the embedded
+            # model, same process: 61.9 -> 68.4 tok/s, docs/BENCHMARKS.md).
+            inductor_config.cpp_wrapper = True
             # Only decode steps are compiled: their shapes are static (see StaticDecodeView);
             # prefill chunks vary in length and are matmul-bound anyway, so they stay eager.
             self.compiled_decode = torch.compile(model.forward)  # a new shape recompiles once, as dynamic
