@@ -176,12 +176,12 @@ class LlamaCppPeer:
         self.version = getattr(llama_cpp, "__version__", "?")
         import gguf
 
+        from leanlm.models.gguf_requant import matrix_types
+
         reader = gguf.GGUFReader(self.gguf_path)
         # bytes read per decoded token: every matrix (the tied embedding is the LM head too)
         self.weight_bytes = sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) >= 2)
-        types = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors
-                 if len(t.shape) >= 2 and t.name != "token_embd.weight"}
-        self.gguf_type = "+".join(sorted(types))
+        self.gguf_type = "+".join(sorted(matrix_types(reader)))
 
     def prefill_seconds(self, ids: list[int]) -> float:
         self.model.reset()
@@ -211,7 +211,7 @@ def peer_gguf_for(llm, source_gguf, gguf_type: str | None = None) -> "Path":
     from pathlib import Path
 
     from leanlm.models.embedded import cache_root, file_fingerprint
-    from leanlm.models.gguf_requant import TARGET_TYPES, requantize_gguf
+    from leanlm.models.gguf_requant import TARGET_TYPES, matrix_types, requantize_gguf
 
     if source_gguf is None:
         raise ValueError("--vs llama.cpp needs the model as a GGUF file (the embedded model, or "
@@ -226,8 +226,7 @@ def peer_gguf_for(llm, source_gguf, gguf_type: str | None = None) -> "Path":
                              f"({', '.join(TARGET_TYPES)}) or --peer-gguf FILE")
     import gguf
 
-    current = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(str(source)).tensors
-               if len(t.shape) >= 2 and t.name != "token_embd.weight"}
+    current = matrix_types(gguf.GGUFReader(str(source)))
     if current == {gguf_type}:
         return source
     out = cache_root() / "gguf" / f"{file_fingerprint(source)}.{gguf_type}.gguf"

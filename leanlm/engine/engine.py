@@ -51,7 +51,7 @@ def weight_method_factory(config: EngineConfig):
     def method(name: str):
         if name == "lm_head" and not config.quant_head:
             return default_method(dtype, device)
-        return WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate, rotate_block=spec.rotate_block)
+        return WeightOnlyMethod.from_spec(fmt, spec)
 
     return method
 

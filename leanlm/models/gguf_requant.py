@@ -18,6 +18,14 @@ import numpy as np
 TARGET_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "BF16", "F32")
 
 
+def matrix_types(reader, skip: tuple[str, ...] = ("token_embd.weight",)) -> set[str]:
+    """GGML type names of a GGUF reader's 2-D tensors (the embedding left out by default)."""
+    import gguf
+
+    return {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors
+            if len(t.shape) >= 2 and t.name not in skip}
+
+
 def requantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str,
                     keep: tuple[str, ...] = ("token_embd.weight",)) -> Path:
     """Write `dst`: `src` with every 2-D tensor but those named in `keep` re-encoded as `qtype`."""

@@ -99,7 +99,7 @@ def quantize_model(model, spec: QuantSpec, calib: list[list[int]] | None = None,
             hessians = {name: collector.hessian(name) for name in linears}
         for name, lin in linears.items():
             w = lin.weight.data.float()
-            method = WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate, rotate_block=spec.rotate_block)
+            method = WeightOnlyMethod.from_spec(fmt, spec)
             rotation = method.rotation_for(w.shape[1])
             if rotation is not None:  # quantize W H against the Hessian of x H: H^T X^T X H
                 w = rotation.weight(w)
@@ -119,7 +119,7 @@ def quantize_model(model, spec: QuantSpec, calib: list[list[int]] | None = None,
             progress(f"layer {i + 1}/{len(model.layers)} quantized ({time.perf_counter() - t0:.0f} s)")
     if quant_head:
         head = model.lm_head
-        method = WeightOnlyMethod(fmt, spec.group_size, rotate=spec.rotate, rotate_block=spec.rotate_block)
+        method = WeightOnlyMethod.from_spec(fmt, spec)
         head.method = method
         method.process_after_loading(head)  # RTN of the (rotated) head weight
     return {"seconds": time.perf_counter() - t0, "layers": len(model.layers), "spec": str(spec)}

@@ -37,6 +37,11 @@ class WeightOnlyMethod(QuantMethod):
         self.code_offset = 0                    # first code of the table (-128 for int8 codes)
         self.name = f"{fmt.name}" + (f":g{group_size}" if group_size else "") + ((":rotate" if rotate_block is None else f":rotate{rotate_block}") if rotate else "")
 
+    @classmethod
+    def from_spec(cls, fmt: WeightFormat, spec) -> "WeightOnlyMethod":
+        """The method a QuantSpec describes (its group size and rotation)."""
+        return cls(fmt, spec.group_size, rotate=spec.rotate, rotate_block=spec.rotate_block)
+
     def rotation_for(self, in_features: int):
         if not self.rotate:
             return None
