@@ -19,11 +19,17 @@ from pathlib import Path
 from leanlm.bench.report import positive_int, print_table, tps, write_json
 
 MT_BENCH = "mt_bench_question.jsonl"
+GROUNDED = "wikitext-grounded"
 
 
 def load_prompts(source: str, tokenizer, limit: int) -> list[list[int]]:
-    """Token ids of the first `limit` prompts: `mt-bench` (first turns, chat template), or a FILE:
-    .jsonl with a `turns` (first taken), `prompt` or `text` field per line, else one per line."""
+    """Token ids of the first `limit` prompts: `mt-bench` (first turns, chat template),
+    `wikitext-grounded` (20 passages to repeat / rewrite / extract from, see bench/grounded.py), or
+    a FILE: .jsonl with a `turns` (first taken), `prompt` or `text` field per line, else one per line."""
+    if source == GROUNDED:
+        from leanlm.bench.grounded import load_grounded_prompts
+
+        return _encode(load_grounded_prompts()[:limit], tokenizer)
     if source == "mt-bench":
         from leanlm.bench.data import find_data_file
 
@@ -31,7 +37,7 @@ def load_prompts(source: str, tokenizer, limit: int) -> list[list[int]]:
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise ValueError(f"--prompts {source!r}: not 'mt-bench' and not a file")
+            raise ValueError(f"--prompts {source!r}: not 'mt-bench', not {GROUNDED!r} and not a file")
     texts = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -48,6 +54,11 @@ def load_prompts(source: str, tokenizer, limit: int) -> list[list[int]]:
             break
     if not texts:
         raise ValueError(f"{path}: no prompts")
+    return _encode(texts, tokenizer)
+
+
+def _encode(texts: list[str], tokenizer) -> list[list[int]]:
+    """Each text as one user turn under the model's chat template (plain text without one)."""
     if tokenizer.chat_template:
         return [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
     return [tokenizer.encode(t) for t in texts]
@@ -100,7 +111,8 @@ def add_parser(benches, add_model_args) -> None:
     p = benches.add_parser("spec", help="speculative decoding vs plain greedy decoding, batch 1, same run",
                            description=__doc__.split("\n\n")[0])
     add_model_args(p)  # includes --spec
-    p.add_argument("--prompts", default="mt-bench", help="mt-bench (first turns) or a FILE (.jsonl or lines)")
+    p.add_argument("--prompts", default="mt-bench", help="mt-bench (first turns), wikitext-grounded (20 passages to repeat, rewrite or "
+                        "extract from, built from WikiText-2 test) or a FILE (.jsonl or lines)")
     p.add_argument("--num-prompts", type=positive_int, default=80)
     p.add_argument("--max-tokens", type=positive_int, default=128)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
