@@ -74,14 +74,21 @@ class LLMEngine:
         self.model_path = resolve_model(config.model)
         from leanlm.quant.checkpoint import is_quantized_checkpoint, load_quantized
 
+        reorder = config.kv_spec is not None and config.kv_spec.reorder
         if is_quantized_checkpoint(self.model_path):  # saved by save_quantized: already quantized
+            if reorder:
+                raise ValueError(f"kv={config.kv!r} folds the key channel order into float q/k weights at "
+                                 f"load; {self.model_path} is already quantized: drop :reorder")
             if config.quant_spec is not None:
                 raise ValueError(f"{self.model_path} is already a quantized checkpoint; drop "
                                  f"quant={config.quant!r} (or quantize the original model instead)")
             self.model, self.model_config = load_quantized(self.model_path, dtype, device)
         else:
-            self.model, self.model_config = load_model(self.model_path, dtype, device,
-                                                       method=weight_method_factory(config))
+            from leanlm.kv.bfp import fold_key_order, key_pair_order
+
+            self.model, self.model_config = load_model(
+                self.model_path, dtype, device, method=weight_method_factory(config),
+                prepare=(lambda m: fold_key_order(m, key_pair_order(m))) if reorder else None)
         self.tokenizer = Tokenizer.from_dir(self.model_path)
         limit = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
@@ -119,15 +126,9 @@ class LLMEngine:
             return ContiguousKVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype, device,
                                      mc.sliding_window)
         bs = cfg.block_size
-        key_perm = None
-        if cfg.kv_spec is not None and cfg.kv_spec.reorder:  # once, from the checkpoint's k_proj rows
-            from leanlm.kv.bfp import key_channel_order
-
-            key_perm = key_channel_order(self.model_path, mc.num_layers, mc.num_kv_heads, mc.head_dim)
-
         def codec(num_blocks: int):
             return build_codec(cfg.kv_spec, mc.num_layers, num_blocks, bs, mc.num_kv_heads, mc.head_dim,
-                               dtype, device, max_seqs=cfg.max_num_seqs, key_perm=key_perm)
+                               dtype, device, max_seqs=cfg.max_num_seqs, model=self.model)
 
         probe = codec(1)  # what a block costs, and the fixed part (KIVI's residual pool)
         bytes_per_token, fixed = probe.bytes_per_token(), probe.fixed_bytes()

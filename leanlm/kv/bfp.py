@@ -10,16 +10,18 @@ are stored as offset codes packed 8 / m per byte; other widths take a byte (<= 8
 a block shares the exponent of its largest element, so one outlier channel costs the precision of
 its whole block; sorting key channels by magnitude puts outliers together. The statistic needs no
 calibration: the norm of each k_proj weight row (times |k_norm| weight, plus |bias|, where the
-model has them). RoPE rotates channel i with channel i + D/2, mixing their magnitudes, so the
-pairs are ranked by their joint norm and kept side by side. The same permutation is applied to
-q and k of every head after RoPE (PagedKVCache.attend), which leaves every q.k unchanged; values
-are not permuted. Done after RoPE it needs no per-layer rotary tables and no change to the
-(possibly quantized, prepacked) projection weights, for one gather of the step's new q and k per
-layer - not the zero cost of folding it into the weights (see docs/ARCHITECTURE.md).
+model has them). Zero run-time cost: the order is folded into the weights at load time
+(`fold_key_order`, before any weight quantization): the q and k rows of qkv_proj (and q/k norm
+weights) are permuted alike, so every q.k is unchanged, and the RoPE cos/sin tables' columns with
+them, so each channel keeps its frequency. RoPE rotates channel i with i + D/2 (half-split), so a
+permutation commutes with it only if it moves pairs together: one ranking pi of the D/2 pairs,
+applied to both halves (new channel j <- old pi[j], j + D/2 <- pi[j] + D/2). The rotary tables are
+shared by every layer and head, so the ranking is one for the whole model: the pairs' energy
+summed over layers and KV heads, each (layer, head) normalised to sum 1 so no layer dominates.
+Outlier key channels sit at the same (low) RoPE frequencies across layers and heads, which is
+why one shared order captures most of it. Values are not permuted.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -34,12 +36,11 @@ def _storage_bits(m: int) -> int:
 class BfpCodec(TokenwiseCodec):
     def __init__(self, num_layers: int, num_slots: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, mantissa_bits: int, block: int,
-                 key_perm: torch.Tensor | None = None):
+                 reorder: bool = False):
         if head_dim % block:
             raise ValueError(f"bfp block {block} must divide head_dim {head_dim}")
         self.m, self.block, self.sbits = mantissa_bits, block, _storage_bits(mantissa_bits)
-        self.spec = f"bfp:{mantissa_bits}:b{block}" + (":reorder" if key_perm is not None else "")
-        self.key_perm = key_perm
+        self.spec = f"bfp:{mantissa_bits}:b{block}" + (":reorder" if reorder else "")
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.dtype, self.num_layers = dtype, num_layers
         H, D = num_kv_heads, head_dim
@@ -75,35 +76,45 @@ class BfpCodec(TokenwiseCodec):
         return torch.ldexp(mant.unflatten(-1, (-1, self.block)), step).flatten(-2).to(self.dtype)
 
 
-def key_channel_order(model_dir: str | Path, num_layers: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-    """[layers, Hkv, D] channel order per layer and KV head: RoPE pairs (i, i + D/2) ranked by
-    the joint norm of their k_proj weight rows (largest first), each pair kept side by side."""
-    from safetensors import safe_open
+def key_pair_order(model) -> torch.Tensor:
+    """[D] the model's key channel order: RoPE pairs ranked by normalised k_proj row energy summed
+    over layers and KV heads (largest first), applied to both halves: [pi, pi + D/2]."""
+    c = model.cfg
+    H, D, half = c.num_kv_heads, c.head_dim, c.head_dim // 2
+    score = torch.zeros(half, dtype=torch.float64)
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        w = attn.qkv_proj.weight.detach()
+        if not w.dtype.is_floating_point:
+            raise ValueError(f"bfp reorder ranks key channels by float k_proj rows; layer {i} holds {w.dtype}")
+        mag = w[c.q_size: c.q_size + c.kv_size].double().norm(dim=1).view(H, D)
+        if c.qk_norm:
+            mag = mag * attn.k_norm.weight.detach().double().abs()
+        if attn.qkv_proj.bias is not None:
+            mag = mag + attn.qkv_proj.bias.detach()[c.q_size: c.q_size + c.kv_size].double().abs().view(H, D)
+        pair = mag[:, :half] ** 2 + mag[:, half:] ** 2                    # [H, D/2]
+        score += (pair / pair.sum(1, keepdim=True).clamp(min=1e-300)).sum(0)
+    ranked = score.argsort(descending=True, stable=True)
+    return torch.cat((ranked, ranked + half))
 
-    from leanlm.models.loader import checkpoint_files
 
-    wanted = {f"model.layers.{i}.self_attn.{n}": (i, n) for i in range(num_layers)
-              for n in ("k_proj.weight", "k_proj.bias", "k_norm.weight")}
-    found: dict[tuple[int, str], torch.Tensor] = {}
-    for f in checkpoint_files(model_dir):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                if name in wanted:
-                    found[wanted[name]] = sf.get_tensor(name).double()
-    H, D, half = num_kv_heads, head_dim, head_dim // 2
-    order = torch.empty(num_layers, H, D, dtype=torch.long)
-    for i in range(num_layers):
-        w = found.get((i, "k_proj.weight"))
-        if w is None or w.shape[0] != H * D:
-            raise ValueError(f"bfp reorder ranks key channels by the k_proj weight rows of an "
-                             f"unquantized checkpoint; {model_dir} has no usable "
-                             f"model.layers.{i}.self_attn.k_proj.weight")
-        mag = w.norm(dim=1).view(H, D)
-        if (i, "k_norm.weight") in found:
-            mag = mag * found[(i, "k_norm.weight")].abs()
-        if (i, "k_proj.bias") in found:
-            mag = mag + found[(i, "k_proj.bias")].abs().view(H, D)
-        pair = mag[:, :half] ** 2 + mag[:, half:] ** 2               # [H, D/2]
-        ranked = pair.argsort(dim=1, descending=True, stable=True)  # pair ids, largest first
-        order[i] = torch.stack((ranked, ranked + half), dim=-1).view(H, D)
-    return order
+@torch.no_grad()
+def fold_key_order(model, order: torch.Tensor) -> None:
+    """Permute every head's q and k channels (qkv_proj rows, bias, q/k norm weights) and the RoPE
+    tables' columns by `order` ([D], from key_pair_order), in place, before weight quantization."""
+    c = model.cfg
+    D = c.head_dim
+    for layer in model.layers:
+        attn = layer.self_attn
+        rows = (torch.arange(c.num_heads + c.num_kv_heads).unsqueeze(1) * D + order).flatten()
+        qkv = attn.qkv_proj
+        n = rows.numel()
+        qkv.weight.data[:n] = qkv.weight.data[:n][rows.to(qkv.weight.device)]
+        if qkv.bias is not None:
+            qkv.bias.data[:n] = qkv.bias.data[:n][rows.to(qkv.bias.device)]
+        if c.qk_norm:
+            for norm in (attn.q_norm, attn.k_norm):
+                norm.weight.data.copy_(norm.weight.data[order.to(norm.weight.device)])
+    rope = model.rope
+    rope.cos = rope.cos[:, order.to(rope.cos.device)].contiguous()
+    rope.sin_signed = rope.sin_signed[:, order.to(rope.sin_signed.device)].contiguous()

@@ -14,7 +14,10 @@ class KVCodec:
 
     spec: str = "plain"  # goes into the prefix-cache hash: caches of different codecs never mix
     exact: bool = False  # reads return exactly what was written: a chunk may attend to its own k/v
-    key_perm: torch.Tensor | None = None  # [layers, Hkv, D] key channel order in the cache (bfp reorder)
+    rotation: torch.Tensor | None = None  # [D, D] orthonormal: q, k, v enter the cache times it (kivi rotate)
+    rope_keys: bool = False   # keys are written before RoPE; reads return them rotated (xquant)
+    wants_layer_input: bool = False  # write() also takes x, the layer's residual-stream input (xquant:cl)
+    cross_layer: bool = False  # a layer's storage depends on the previous layer's in the same step
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [T, Hkv, D] of T new tokens into `slots` [T] (int64)."""

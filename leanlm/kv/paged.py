@@ -81,10 +81,8 @@ class PagedKVCache(KVCache):
         from leanlm.kv.quantized import KiviCodec
 
         self.blockwise = isinstance(codec, KiviCodec)  # quantizes whole blocks as they fill
-        self.key_perm = self.query_perm = None
-        if codec.key_perm is not None:  # bfp reorder: q and k channels permuted alike, q.k unchanged
-            self.key_perm = codec.key_perm.to(self.device)
-            self.query_perm = None  # [layers, Hq, D] once the number of query heads is seen
+        self.rope_keys, self.wants_layer_input = codec.rope_keys, codec.wants_layer_input
+        self.layer_input = None  # set by the model before each attend when wants_layer_input
 
     # -- room for sequences (called by the scheduler) -------------------------------------------
     def admit(self, token_ids: list[int], max_len: int) -> tuple[BlockTable, int]:
@@ -123,7 +121,7 @@ class PagedKVCache(KVCache):
     def split_steps(self) -> bool:
         """Whether one step may write different layers of a token in separate passes (early-exit
         verification resuming from the draft's hidden states); not with per-step block plans."""
-        return not self.blockwise
+        return not self.blockwise and not self.codec.cross_layer
 
     def usage(self) -> tuple[int, int, int]:
         return self.blocks.num_used, self.blocks.num_free, self.block_size
@@ -181,9 +179,13 @@ class PagedKVCache(KVCache):
 
     def attend(self, layer: int, q, k, v, ctx: PagedContext) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the flattened batch -> [T, Hq, D]."""
-        if self.key_perm is not None:
-            q, k = self._permute(layer, q, k)
-        self.codec.write(layer, ctx.slot_mapping, k, v)
+        rot = self.codec.rotation
+        if rot is not None:  # (qR)(kR)^T = qk^T; attention over vR gives out R, undone below (R^T = R^-1)
+            q, k, v = q @ rot, k @ rot, v @ rot
+        if self.wants_layer_input:
+            self.codec.write(layer, ctx.slot_mapping, k, v, self.layer_input)
+        else:
+            self.codec.write(layer, ctx.slot_mapping, k, v)
         out = torch.empty_like(q)
         for d in ctx.decodes:
             if d.first_slot is not None:
@@ -213,15 +215,7 @@ class PagedKVCache(KVCache):
                 q[sl].transpose(0, 1).unsqueeze(0), keys, values,
                 attn_mask=p.mask, is_causal=p.mask is None and p.n > 1)
             out[sl] = o[0].transpose(0, 1)
-        return out
-
-    def _permute(self, layer: int, q, k):
-        """Channel d of q and k (after RoPE) -> position of d in the layer's key order, per head
-        (query heads take their KV head's order, HF's repeat_kv grouping)."""
-        if self.query_perm is None:
-            self.query_perm = self.key_perm.repeat_interleave(q.shape[1] // self.num_kv_heads, dim=1)
-        qp, kp = self.query_perm[layer], self.key_perm[layer]
-        return q.gather(2, qp.expand(q.shape[0], -1, -1)), k.gather(2, kp.expand(k.shape[0], -1, -1))
+        return out if rot is None else out @ rot.T
 
 
 DEFAULT_BUDGET_BYTES = 4 * 2**30   # vLLM's CPU default (VLLM_CPU_KVCACHE_SPACE=4)

@@ -7,8 +7,16 @@ saturation and out of the subnormals; a power of two does that exactly (scaling 
 costs one int8 per token and head, needs no calibration, and - unlike a scale per block of
 tokens - no full-precision residual, since each token is encoded alone when it is written.
 
-KIVI (`kivi:BITS[:gG]`, Liu et al. 2024). Keys are quantized per channel over groups of G tokens,
-values per token over groups of V_GROUP channels, asymmetrically (min-max, fp16 scale and zero).
+KIVI (`kivi:BITS[:gG][:vVBITS][:cC][:rotate]`, Liu et al. 2024). Keys are quantized per channel over
+groups of G tokens, values (with VBITS bits) per token over groups of C channels (default V_GROUP),
+asymmetrically (min-max, fp16 scale and zero). Scales cost 32 bits per group: 32/G bits per key
+element and 32/C per value element, which is why kivi:4 at G=16, C=32 is only 2.9x a bf16 cache
+and a >= 4x codec needs 3-bit codes and larger groups (e.g. kivi:4:g64:v3:c64).
+`rotate` multiplies q, k and v of every head by the orthonormal, symmetric Walsh-Hadamard matrix
+H before the cache (QuaRot's online rotation): (qH)(kH)^T = qk^T, and attention over vH gives
+out H, undone by one more H on the output; it spreads outlier channels over the head, so a
+per-token value group (and a key group) sees a flatter range. Two [T, H, D] x [D, D] matmuls per
+layer on the step's new tokens, none over the cached context.
 G is the cache block size: the block a sequence is still filling is KIVI's full-precision
 residual (kept in a pool of `max_partial` rows, one per running sequence) and the block is
 quantized when its last token is written, so full - and hence prefix-cached - blocks are always
@@ -99,9 +107,14 @@ class Fp8Codec(TokenwiseCodec):
 # -- KIVI -------------------------------------------------------------------------------------------
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., D] in [0, 2^bits) -> [..., D * bits / 8], code i of a byte at bit bits*i."""
+    """uint8 codes [..., D] in [0, 2^bits) -> [..., D * bits / 8], code i of a byte at bit bits*i.
+    3-bit codes go eight to three bytes (a 24-bit word, little-endian)."""
     if bits == 8:
         return q
+    if bits == 3:
+        q = q.view(*q.shape[:-1], -1, 8).to(torch.int32)
+        word = (q << torch.arange(0, 24, 3, dtype=torch.int32, device=q.device)).sum(-1, keepdim=True)
+        return (word >> torch.tensor([0, 8, 16], dtype=torch.int32, device=q.device) & 255).to(torch.uint8).flatten(-2)
     per = 8 // bits
     q = q.view(*q.shape[:-1], -1, per)
     out = q[..., 0].clone()
@@ -113,6 +126,10 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(p: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return p
+    if bits == 3:
+        b = p.view(*p.shape[:-1], -1, 3).to(torch.int32)
+        word = b[..., 0:1] | b[..., 1:2] << 8 | b[..., 2:3] << 16
+        return (word >> torch.arange(0, 24, 3, dtype=torch.int32, device=p.device) & 7).to(torch.uint8).flatten(-2)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=p.device)
     return ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
 
@@ -163,19 +180,29 @@ class _WritePlan:
 
 class KiviCodec(KVCodec):
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device, bits: int, max_partial: int):
-        if head_dim * bits % 8:
-            raise ValueError(f"kivi:{bits} needs head_dim * bits divisible by 8, head_dim is {head_dim}")
-        self.spec = f"kivi:{bits}:g{block_size}"
-        self.bits, self.block_size, self.num_kv_heads, self.head_dim = bits, block_size, num_kv_heads, head_dim
+                 head_dim: int, dtype: torch.dtype, device: torch.device, bits: int, max_partial: int,
+                 vbits: int | None = None, vgroup: int | None = None, rotate: bool = False):
+        vbits = vbits or bits
+        if head_dim % 8:
+            raise ValueError(f"kivi needs head_dim divisible by 8 (packed codes), head_dim is {head_dim}")
+        if vgroup is not None and head_dim % vgroup:
+            raise ValueError(f"kivi value group c{vgroup} must divide head_dim {head_dim}")
+        self.vgroup = vgroup or (V_GROUP if head_dim % V_GROUP == 0 else head_dim)
+        self.spec = (f"kivi:{bits}:g{block_size}" + (f":v{vbits}" if vbits != bits else "")
+                     + (f":c{self.vgroup}" if vgroup else "") + (":rotate" if rotate else ""))
+        self.bits, self.vbits = bits, vbits
+        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.dtype, self.num_layers, self.device = dtype, num_layers, torch.device(device)
-        self.vgroup = V_GROUP if head_dim % V_GROUP == 0 else head_dim
-        bs, H, D, P = block_size, num_kv_heads, head_dim, head_dim * bits // 8
+        if rotate:
+            from leanlm.quant.rotation import hadamard_matrix
+
+            self.rotation = hadamard_matrix(head_dim, dtype=dtype, device=device)
+        bs, H, D, P, PV = block_size, num_kv_heads, head_dim, head_dim * bits // 8, head_dim * vbits // 8
 
         def zeros(*shape, dt):
             return [torch.zeros(*shape, dtype=dt, device=device) for _ in range(num_layers)]
 
-        self.kc, self.vc = zeros(num_blocks, bs, H, P, dt=torch.uint8), zeros(num_blocks, bs, H, P, dt=torch.uint8)
+        self.kc, self.vc = zeros(num_blocks, bs, H, P, dt=torch.uint8), zeros(num_blocks, bs, H, PV, dt=torch.uint8)
         self.ks, self.kz = zeros(num_blocks, 1, H, D, dt=torch.float16), zeros(num_blocks, 1, H, D, dt=torch.float16)
         ng = D // self.vgroup
         self.vs, self.vz = zeros(num_blocks, bs, H, ng, 1, dt=torch.float16), zeros(num_blocks, bs, H, ng, 1, dt=torch.float16)
@@ -192,7 +219,7 @@ class KiviCodec(KVCodec):
 
     def bytes_per_token(self) -> int | float:
         H, D, bs = self.num_kv_heads, self.head_dim, self.block_size
-        codes = 2 * D * self.bits // 8
+        codes = D * (self.bits + self.vbits) // 8
         scales = 2 * 2 * D / bs + 2 * 2 * D // self.vgroup   # fp16 (scale, zero): K per block, V per token
         per_token = self.num_layers * H * (codes + scales)
         return int(per_token) if per_token == int(per_token) else per_token
@@ -254,8 +281,8 @@ class KiviCodec(KVCodec):
         bs, H, D = self.block_size, self.num_kv_heads, self.head_dim
         T = k.shape[0]
         # values: per token over channel groups, quantized as they arrive
-        q, s, z = asym_quantize(v.float().view(T, H, D // self.vgroup, self.vgroup), -1, self.bits)
-        self.vc[layer].view(-1, H, D * self.bits // 8).index_copy_(0, slots, pack_codes(q.view(T, H, D), self.bits))
+        q, s, z = asym_quantize(v.float().view(T, H, D // self.vgroup, self.vgroup), -1, self.vbits)
+        self.vc[layer].view(-1, H, D * self.vbits // 8).index_copy_(0, slots, pack_codes(q.view(T, H, D), self.vbits))
         self.vs[layer].view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, s)
         self.vz[layer].view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, z)
         rk, rv = self.rk[layer].view(-1, H, D), self.rv[layer].view(-1, H, D)
@@ -277,7 +304,7 @@ class KiviCodec(KVCodec):
         rows = block_tables.reshape(-1)
         kq = unpack_codes(self.kc[layer].index_select(0, rows), self.bits).float()
         k = kq * self.ks[layer].index_select(0, rows).float() + self.kz[layer].index_select(0, rows).float()
-        vq = unpack_codes(self.vc[layer].index_select(0, rows), self.bits).float()
+        vq = unpack_codes(self.vc[layer].index_select(0, rows), self.vbits).float()
         vq = vq.view(-1, bs, H, D // self.vgroup, self.vgroup)
         v = vq * self.vs[layer].index_select(0, rows).float() + self.vz[layer].index_select(0, rows).float()
         k, v = k.to(self.dtype), v.view(-1, bs, H, D).to(self.dtype)

@@ -2,24 +2,33 @@
 
     fp16 | bf16 | fp32                 plain storage in that dtype (read back in the compute dtype)
     fp8:e4m3 | fp8:e5m2                FP8 with a power-of-two scale per token and KV head
-    kivi:BITS[:gG][:rR]                KIVI: BITS 8, 4 or 2 (or int8 / int4 / int2); keys per channel
-                                       over groups of G tokens (G = the cache block size), values per
-                                       token; the not-yet-full block is the full-precision residual,
-                                       so R, when given, must equal G
+    kivi:BITS[:gG][:rR][:vVBITS][:cC][:rotate]
+                                       KIVI: BITS 8, 4, 3 or 2 (or int8 / int4 / int3 / int2); keys per
+                                       channel over groups of G tokens (G = the cache block size),
+                                       values per token over groups of C channels (default 32) with
+                                       VBITS bits (default BITS); the not-yet-full block is the
+                                       full-precision residual, so R, when given, must equal G;
+                                       `rotate`: a per-head Walsh-Hadamard rotation of q, k, v before
+                                       the cache (undone on the attention output), q.k unchanged
     bfp:MANTISSA[:bBLOCK][:reorder]    block floating point, MANTISSA 2..16 bits (sign included),
                                        a shared exponent per BLOCK channels (default 16)
+    xquant:BITS[:gG][:cl]              XQuant: the SVD latent of [K_pre | V] (or, with cl, deltas of
+                                       the residual stream between layers), BITS 8, 4, 3 or 2, per
+                                       token over groups of G channels (default 32)
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR] (BITS 8, 4 or 2; R = G), "
-           "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16)")
+ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:vVBITS][:cC][:rotate] "
+           "(BITS, VBITS 8, 4, 3 or 2; R = G), "
+           "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16), xquant:BITS[:gG][:cl] (BITS 8, 4, 3 or 2)")
 PLAIN = ("fp16", "bf16", "fp32")
 FP8 = ("e4m3", "e5m2")
-KIVI_BITS = (8, 4, 2)
+KIVI_BITS = (8, 4, 3, 2)
 BFP_DEFAULT_BLOCK = 16
+XQUANT_DEFAULT_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,10 @@ class KVSpec:
     group: int | None = None     # kivi: tokens per key group (= block size); None: the engine's block size
     block: int = BFP_DEFAULT_BLOCK  # bfp: channels sharing an exponent
     reorder: bool = False        # bfp: permute key channels so outliers share blocks
+    vbits: int = 0               # kivi: value bits (0: = bits)
+    vgroup: int = 0              # kivi: channels per value group (0: the default, 32)
+    rotate: bool = False         # kivi: Hadamard-rotate q, k, v per head before the cache
+    cl: bool = False             # xquant: cross-layer deltas of the residual stream
 
     @classmethod
     def parse(cls, text: str) -> "KVSpec":
@@ -52,33 +65,24 @@ class KVSpec:
         if head == "fp8" and len(opts) == 1 and opts[0] in FP8:
             return cls("fp8", dtype=opts[0])
         if head == "kivi" and opts:
-            m = re.fullmatch(r"(?:int)?(\d+)", opts[0])
-            if m is None or int(m.group(1)) not in KIVI_BITS:
-                raise ValueError(f"kivi bits {opts[0]!r} must be 8, 4 or 2")
-            group = residual = None
-            for o in opts[1:]:
-                if re.fullmatch(r"g\d+", o) and group is None:
-                    group = _positive(o[1:], "group")
-                elif re.fullmatch(r"r\d+", o) and residual is None:
-                    residual = _positive(o[1:], "residual")
-                else:
-                    raise ValueError(f"option {o!r}: expected gG or rR, each at most once")
+            bits = _bits(opts[0], "kivi")
+            o = _options(opts[1:], {"g": "group", "r": "residual", "v": "value bits", "c": "value group"}, ("rotate",))
+            group, residual, vbits = o.get("g"), o.get("r"), o.get("v", 0)
+            if vbits and vbits not in KIVI_BITS:
+                raise ValueError(f"kivi value bits v{vbits} must be v8, v4, v3 or v2")
             if residual is not None and residual != (group or residual):
                 raise ValueError(f"r{residual} != g{group}: in the paged cache the full-precision "
                                  f"residual is the not-yet-full block of G tokens, so R must equal G")
-            return cls("kivi", bits=int(m.group(1)), group=group or residual)
+            return cls("kivi", bits=bits, group=group or residual, vbits=0 if vbits == bits else vbits,
+                       vgroup=o.get("c", 0), rotate="rotate" in o)
+        if head == "xquant" and opts:
+            o = _options(opts[1:], {"g": "group"}, ("cl",))
+            return cls("xquant", bits=_bits(opts[0], "xquant"), block=o.get("g", XQUANT_DEFAULT_GROUP), cl="cl" in o)
         if head == "bfp" and opts:
             if not re.fullmatch(r"\d+", opts[0]) or not 2 <= int(opts[0]) <= 16:
                 raise ValueError(f"bfp mantissa {opts[0]!r} must be 2..16 bits")
-            block, reorder = None, False
-            for o in opts[1:]:
-                if re.fullmatch(r"b\d+", o) and block is None:
-                    block = _positive(o[1:], "block")
-                elif o == "reorder" and not reorder:
-                    reorder = True
-                else:
-                    raise ValueError(f"option {o!r}: expected bBLOCK or reorder, each at most once")
-            return cls("bfp", bits=int(opts[0]), block=block or BFP_DEFAULT_BLOCK, reorder=reorder)
+            o = _options(opts[1:], {"b": "block"}, ("reorder",))
+            return cls("bfp", bits=int(opts[0]), block=o.get("b", BFP_DEFAULT_BLOCK), reorder="reorder" in o)
         return None
 
     def __str__(self) -> str:
@@ -87,8 +91,32 @@ class KVSpec:
         if self.kind == "fp8":
             return f"fp8:{self.dtype}"
         if self.kind == "kivi":
-            return f"kivi:{self.bits}" + (f":g{self.group}" if self.group else "")
+            return (f"kivi:{self.bits}" + (f":g{self.group}" if self.group else "")
+                    + (f":v{self.vbits}" if self.vbits else "") + (f":c{self.vgroup}" if self.vgroup else "")
+                    + (":rotate" if self.rotate else ""))
+        if self.kind == "xquant":
+            return f"xquant:{self.bits}:g{self.block}" + (":cl" if self.cl else "")
         return f"bfp:{self.bits}:b{self.block}" + (":reorder" if self.reorder else "")
+
+
+def _bits(text: str, codec: str) -> int:
+    m = re.fullmatch(r"(?:int)?(\d+)", text)
+    if m is None or int(m.group(1)) not in KIVI_BITS:
+        raise ValueError(f"{codec} bits {text!r} must be 8, 4, 3 or 2")
+    return int(m.group(1))
+
+
+def _options(opts: list[str], numeric: dict[str, str], flags: tuple[str, ...]) -> dict:
+    """Options like g32 (letter + positive integer, named in `numeric`) and bare flags, each at
+    most once -> {letter or flag: value}."""
+    out: dict = {}
+    for o in opts:
+        key = o if o in flags else o[:1]
+        if key in out or not (o in flags or (key in numeric and re.fullmatch(r"[a-z]\d+", o))):
+            allowed = ", ".join([f"{k}N ({v})" for k, v in numeric.items()] + list(flags))
+            raise ValueError(f"option {o!r}: expected {allowed}, each at most once")
+        out[key] = True if o in flags else _positive(o[1:], numeric[key])
+    return out
 
 
 def _positive(digits: str, name: str) -> int:
@@ -99,9 +127,10 @@ def _positive(digits: str, name: str) -> int:
 
 
 def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_size: int,
-                num_kv_heads: int, head_dim: int, dtype, device, max_seqs: int, key_perm=None):
-    """The codec `spec` names (None: plain storage in the compute dtype, spec 'plain'). `key_perm`
-    ([layers, Hkv, D], from kv.bfp.key_channel_order) is required by bfp:...:reorder."""
+                num_kv_heads: int, head_dim: int, dtype, device, max_seqs: int, model=None):
+    """The codec `spec` names (None: plain storage in the compute dtype, spec 'plain'). `model`
+    (its k/v projections, norms and RoPE tables) is required by xquant. bfp:...:reorder needs the
+    model loaded with kv.bfp.fold_key_order applied (the engine does it)."""
     import torch
 
     from leanlm.kv.codecs import PlainCodec
@@ -123,12 +152,18 @@ def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_s
         if spec.group is not None and spec.group != block_size:
             raise ValueError(f"kv spec {spec}: group {spec.group} must equal the block size {block_size}")
         return KiviCodec(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
-                         bits=spec.bits, max_partial=max_seqs)
+                         bits=spec.bits, max_partial=max_seqs, vbits=spec.vbits or spec.bits,
+                         vgroup=spec.vgroup or None, rotate=spec.rotate)
     if spec.kind == "bfp":
         from leanlm.kv.bfp import BfpCodec
 
-        if spec.reorder and key_perm is None:
-            raise ValueError(f"kv spec {spec} needs the key channel order (kv.bfp.key_channel_order)")
         return BfpCodec(*shape, mantissa_bits=spec.bits, block=spec.block,
-                        key_perm=torch.as_tensor(key_perm, device=device) if spec.reorder else None)
+                        reorder=spec.reorder)
+    if spec.kind == "xquant":
+        from leanlm.kv.xquant import XQuantCodec
+
+        if model is None:
+            raise ValueError(f"kv spec {spec} needs the model (its k/v projection weights)")
+        return XQuantCodec(model, slots, block_size, dtype, device, bits=spec.bits, group=spec.block,
+                           cross_layer=spec.cl)
     raise ValueError(f"kv spec {spec}: codec {spec.kind!r} is not available")

@@ -43,8 +43,11 @@ class Attention(nn.Module):
                             self.k_norm(k.view(T, c.num_kv_heads, c.head_dim))), dim=1)
         else:  # q and k are adjacent in the fused output: rotate them as one tensor
             qk = qkv[:, : c.q_size + c.kv_size].view(T, c.num_heads + c.num_kv_heads, c.head_dim)
-        qk = RotaryEmbedding.apply(qk, rope_tables)
-        q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
+        if getattr(cache, "rope_keys", False):  # the cache stores pre-RoPE keys, rotates them on read
+            q, k = RotaryEmbedding.apply(qk[:, : c.num_heads], rope_tables), qk[:, c.num_heads:]
+        else:
+            qk = RotaryEmbedding.apply(qk, rope_tables)
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
         out = cache.attend(self.layer, q, k, v, ctx)
         return self.o_proj(out.reshape(T, c.q_size))
 
@@ -72,6 +75,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, layer, dtype, method)
 
     def forward(self, x, rope_tables, cache, ctx):
+        if getattr(cache, "wants_layer_input", False):  # xquant:cl caches the residual stream itself
+            cache.layer_input = x
         x = x + self.self_attn(self.input_layernorm(x), rope_tables, cache, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -33,11 +33,14 @@ def resolve_model(name: str | Path | None) -> Path:
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device,
-               method: MethodFactory | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
+               method: MethodFactory | None = None, prepare=None) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """`prepare(model)` runs on the float weights before quantization (e.g. the bfp key-order fold)."""
     cfg = ModelConfig.from_dir(path)
     model = MODEL_CLASSES[cfg.architecture](cfg, dtype=dtype, method=method)
     model.load_weights(iter_tensors(path))
     model.to(device)
+    if prepare is not None:
+        prepare(model)
     model.process_after_loading()
     model.eval()
     return model, cfg

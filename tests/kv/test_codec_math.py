@@ -20,7 +20,7 @@ def sample(n, seed=0):
     return x.float()
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_pack_round_trip(bits):
     q = torch.randint(0, 1 << bits, (5, 3, D), dtype=torch.uint8)
     p = pack_codes(q, bits)
@@ -58,7 +58,7 @@ def asym_bound(x, s, qmax):
     return s * (0.5 + 2.0**-23 * qmax) + 2.0**-23 * x.abs()
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_kivi_error_bound_and_full_precision_residual(bits):
     qmax = (1 << bits) - 1
     codec = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, bits, max_partial=2)
@@ -125,10 +125,11 @@ def test_bfp_error_bound(m, block):
     ("kivi:8", 2 * 64 + 2 * 2 * 64 // 16 + 2 * 2 * 2),            # codes, K (s, z) per block, V per 32
     ("kivi:4", 2 * 32 + 16 + 8), ("kivi:2", 2 * 16 + 16 + 8),     # 2 and 4 codes per byte
     ("bfp:8", 2 * (64 + 4)), ("bfp:4:b8", 2 * (32 + 8)), ("bfp:16", 2 * (128 + 4)), ("bfp:3", 2 * (64 + 4)),
+    ("kivi:3", 2 * 24 + 16 + 8),                                 # 8 codes per 3 bytes
+    ("kivi:4:v3:c64:rotate", 32 + 24 + 16 + 4),                  # 4-bit K, 3-bit V, one V (s, z) per head
 ])
 def test_memory_accounting_equals_bytes_allocated(text, per_head_layer):
-    codec = build_codec(KVSpec.parse(text), L, NB, BS, H, D, torch.bfloat16, CPU, max_seqs=3,
-                        key_perm=torch.arange(D).expand(L, H, D))
+    codec = build_codec(KVSpec.parse(text), L, NB, BS, H, D, torch.bfloat16, CPU, max_seqs=3)
     assert codec.bytes_per_token() == L * H * per_head_layer
     tensors = codec.tensors()
     allocated = sum(t.numel() * t.element_size() for t in tensors)

@@ -8,13 +8,13 @@ import torch
 
 from leanlm import LLM, SamplingParams
 from leanlm.cli import main
-from leanlm.kv.bfp import key_channel_order
+from leanlm.kv.bfp import fold_key_order, key_pair_order
 from leanlm.kv.codecs import PlainCodec
 from leanlm.kv.paged import PagedKVCache
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 CODECS = ["fp32", "bf16", "fp16", "fp8:e4m3", "fp8:e5m2", "kivi:8", "kivi:4", "kivi:2",
-          "bfp:8", "bfp:4:b8:reorder", "bfp:16:reorder"]
+          "bfp:8", "bfp:4:b8:reorder", "bfp:16:reorder", "kivi:3:rotate", "kivi:4:v2:c8", "xquant:4:cl"]
 
 
 def prompts(n=4, seed=0):
@@ -103,16 +103,29 @@ def test_score_chunk1_is_token_by_token_decoding(path, kv):
         assert (llm.score(seq, chunk=40) - decoded).abs().max() > 1e-3
 
 
-def test_reorder_permutes_rope_pairs_by_key_norm(path):
-    from leanlm.models.model_config import ModelConfig
+def test_reorder_ranks_rope_pairs_by_key_norm(plain):
+    model = plain.engine.model
+    order = key_pair_order(model)
+    D, half = model.cfg.head_dim, model.cfg.head_dim // 2
+    assert torch.equal(order.sort().values, torch.arange(D))
+    assert torch.equal(order[half:], order[:half] + half)  # pairs (i, i + D/2) move together
+    assert not torch.equal(order, torch.arange(D))
 
-    mc = ModelConfig.from_dir(path)
-    order = key_channel_order(path, mc.num_layers, mc.num_kv_heads, mc.head_dim)
-    half = mc.head_dim // 2
-    assert order.shape == (mc.num_layers, mc.num_kv_heads, mc.head_dim)
-    assert torch.equal(order.sort(-1).values, torch.arange(mc.head_dim).expand_as(order))
-    assert torch.equal(order[..., 1::2], order[..., 0::2] + half)  # pairs (i, i + D/2) side by side
-    assert not torch.equal(order, torch.arange(mc.head_dim).expand_as(order))
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_key_order_fold_is_free_and_exact(tiny_model_dir, arch):
+    """Folded into q/k rows (and q/k norms) and the RoPE tables at load, the reorder leaves the
+    plain cache's logits unchanged (float rounding of q.k's summation order only) and adds no op
+    to the step: attend has no permutation left."""
+    path = str(tiny_model_dir(arch))
+    seq = prompts(1, seed=6)[0] * 3
+    ref = LLM(path, dtype="float32")
+    folded = LLM(path, dtype="float32")
+    model = folded.engine.model
+    fold_key_order(model, key_pair_order(model))
+    assert not torch.equal(model.rope.cos, ref.engine.model.rope.cos)
+    torch.testing.assert_close(folded.score(seq, chunk=5), ref.score(seq, chunk=5), rtol=0, atol=1e-5)
+    assert not hasattr(PagedKVCache, "_permute")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
