@@ -252,8 +252,12 @@ class StaticDecodeView:
     def attend(self, layer: int, q, k, v, positions: torch.Tensor) -> torch.Tensor:
         kc, vc = self.k[layer], self.v[layer]
         B, H, L, D = kc.shape
-        at = positions.view(B, 1, 1, 1).expand(B, H, 1, D)
-        kc.scatter_(2, at, k.unsqueeze(2))
-        vc.scatter_(2, at, v.unsqueeze(2))
+        # Each row's new K/V lands at flat row (b * H + h) * L + position of the [B*H*L, D] view:
+        # an index_put_ inductor performs in place. (A scatter_ along the length was functionalized
+        # into a copy of the whole cache buffer, every layer and step: ~3 ms of a 34 ms float32
+        # token at 768 cached positions.)
+        rows = (torch.arange(B * H, device=kc.device).view(B, H) * L + positions.view(B, 1)).view(-1)
+        kc.view(B * H * L, D).index_put_((rows,), k.reshape(B * H, D))
+        vc.view(B * H * L, D).index_put_((rows,), v.reshape(B * H, D))
         mask = torch.arange(L, device=kc.device).view(1, 1, 1, L) <= positions.view(B, 1, 1, 1)
         return decode_attention(q, kc, vc, mask)

@@ -73,3 +73,21 @@ def test_compiled_decode_equals_eager(tiny_model_dir):
         for le, lc in zip(e.outputs[0].logprobs, c.outputs[0].logprobs):
             t = next(iter(le))
             assert abs(le[t].logprob - lc[t].logprob) < 1e-4
+
+
+def test_compiled_decode_follows_new_shapes(tiny_model_dir):
+    """Decode steps of a shape already seen skip dynamo's full guards (runner._decode): a new
+    batch size (the cache's rows regrown into new buffers) must still get its own graph, and
+    going back to an earlier shape must pick the earlier graph, not the latest one."""
+    path = str(tiny_model_dir("llama"))
+    eager, compiled = LLM(path), LLM(path, compile=True)
+    runs = [([[5, 17, 42], [7] * 11], 5),             # 2 rows
+            ([[250, 1, 2, 3]], 5),                    # 1 row
+            ([[9, 8, 7], [4] * 20, [100, 101]], 40),  # 3 rows: the buffers regrow (4 rows)
+            ([[5, 17, 42], [7] * 11], 5)]             # back to 2 rows
+    for prompts, max_tokens in runs:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+        got = [o.outputs[0].token_ids for o in compiled.generate(prompts, params)]
+        assert got == want, (len(prompts), max_tokens)
+    assert len(compiled.engine.runner._warm_decode_shapes) >= 3
