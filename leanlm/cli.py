@@ -21,8 +21,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-head", action="store_true",
                    help="with --quant: quantize the LM head too (default: it stays in the compute dtype)")
     p.add_argument("--kv", default=None, metavar="SPEC",
-                   help="KV cache codec: fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG] (8/4/2 bits), "
-                        "bfp:MANTISSA[:bBLOCK][:reorder] (default: the compute dtype)")
+                   help="KV cache codec: fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, "
+                        "kivi:BITS[:gG][:vVBITS][:cC][:rotate] (8/4/3/2 bits), bfp:MANTISSA[:bBLOCK][:reorder], "
+                        "xquant:BITS[:gG][:cl], minicache[:START][:T][:GAMMA][+INNER] "
+                        "(default: the compute dtype)")
     p.add_argument("--spec", default=None, metavar="SPEC",
                    help="speculative decoding: ngram[:n=N][:k=K], early-exit:E[:k=K], draft:MODEL[:k=K], "
                         "self:QUANT[:k=K] (lossless: greedy output is unchanged)")

@@ -3,8 +3,10 @@
 - `pp<P>`: prompt processing, P / (seconds to prefill a P-token prompt of pseudo-random ids and
   produce one token). Each run gets its own fixed prompt (seeded by run index) so that a prefix
   cache can never turn a repeat into a cache hit; every engine sees the same prompts.
-- `tg<G>`: text generation, greedy, EOS ignored, from a short prompt: G + 1 tokens are generated
-  and G / (time of the last token - time of the first) is reported, so prefill is excluded.
+- `tg<G>`: text generation, greedy, EOS ignored, from a short prompt (or, with --context C, a
+  C-token prompt, so every step attends to ~C cached tokens: how a KV codec's read cost shows):
+  G + 1 tokens are generated and G / (time of the last token - time of the first) is reported, so
+  prefill is excluded.
 
 One warm-up of each row, then `repeats` runs; with a peer, the engines alternate run by run so
 that the machine's drift hits both alike (speed is only compared inside one process run).
@@ -72,7 +74,7 @@ def measure(targets: list, pp_prompts: list[list[int]], tg_prompt: list[int], ge
 
 def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repeats: int = 5,
                 vs: str | None = None, model: str = "", threads: int | None = None,
-                peer_options: dict | None = None) -> dict:
+                peer_options: dict | None = None, context: int | None = None) -> dict:
     """Measure leanlm (and a peer) and return the report dict (see `leanlm bench latency --help`)."""
     for name, v in (("prompt_len", prompt_len), ("gen_len", gen_len), ("repeats", repeats)):
         if not isinstance(v, int) or v < 1:
@@ -83,10 +85,13 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repeats: int = 5
     if prompt_len >= limit:
         raise ValueError(f"prompt_len={prompt_len} leaves no room to generate in the model's context "
                          f"of {limit} tokens")
-    if TG_PROMPT_LEN + gen_len + 1 > limit:
-        raise ValueError(f"gen_len={gen_len} does not fit the model's context of {limit} tokens")
+    if context is not None and (not isinstance(context, int) or context < 1):
+        raise ValueError(f"context must be a positive integer, got {context!r}")
+    tg_len = TG_PROMPT_LEN if context is None else context
+    if tg_len + gen_len + 1 > limit:
+        raise ValueError(f"context {tg_len} + gen_len={gen_len} does not fit the model's context of {limit} tokens")
     pp_prompts = [prompt_ids(llm, prompt_len, seed=1000 + r) for r in range(repeats + 1)]
-    tg_prompt = prompt_ids(llm, TG_PROMPT_LEN, seed=0)
+    tg_prompt = prompt_ids(llm, tg_len, seed=0)
     targets = [LeanlmTarget(llm)]
     if vs is not None:
         targets.append(make_peer(vs, llm, **(peer_options or {})))
@@ -105,8 +110,11 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repeats: int = 5
         "threads": threads if threads is not None else torch.get_num_threads(),
         "compile": bool(llm.engine.config.compile),
         "quant": None if llm.engine.config.quant_spec is None else str(llm.engine.config.quant_spec),
-        "prompt_len": prompt_len, "gen_len": gen_len, "repeats": repeats,
+        "prompt_len": prompt_len, "gen_len": gen_len, "repeats": repeats, "context": tg_len,
     }
+    from leanlm.bench.perplexity import kv_footprint
+
+    report["kv"], report["kv_bytes_per_token"], report["kv_compression"] = kv_footprint(llm)
     if vs is not None:
         theirs = runs[vs]
         report["peer"] = {"name": vs, f"{pp}_tps": statistics.median(theirs["pp"]),
@@ -150,6 +158,7 @@ def print_report(report: dict) -> None:
             r += [tps(ps["median"]), f"{tps(ps['min'])}–{tps(ps['max'])}", f"{report[f'ratio_{row}']:.2f}x"]
         rows.append(r)
     caption = (f"{report['model']} · {report['dtype']}" + (f" · {report['quant']}" if report.get("quant") else "")
+               + f" · kv {report['kv']} · {tg} at context {report['context']}"
                + f" · {report['device']} · {report['threads']} threads · "
                f"median of {report['repeats']} runs after 1 warm-up")
     print_table("leanlm bench latency (batch 1)", cols, rows, caption)
@@ -188,11 +197,15 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--peer-gguf-type", default=None, metavar="TYPE",
                    help="with --vs llama.cpp: the GGUF type to re-encode the model's weights to "
                         "(Q8_0, Q4_0, Q4_1, F16, BF16, F32; default: matched as above)")
+    p.add_argument("--context", type=positive_int, default=None, metavar="C",
+                   help=f"tg row from a C-token prompt: decode speed with C tokens cached (e.g. 2048 to "
+                        f"compare --kv codecs; default {TG_PROMPT_LEN})")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for every engine (default: torch's current setting)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write pp<P>_tps, tg<G>_tps (medians), the runs, bandwidth_gbs, model, dtype, "
-                        "device, threads and, with --vs, peer and ratio_* to PATH")
+                        "device, threads, context, kv, kv_bytes_per_token, kv_compression and, with --vs, "
+                        "peer and ratio_* to PATH")
     p.set_defaults(func=cmd_latency)
 
 
@@ -222,7 +235,7 @@ def cmd_latency(args) -> int:
                         "peer_gguf": args.peer_gguf}
     report = run_latency(llm, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
                          vs=args.vs, model=model_name(args.model), threads=torch.get_num_threads(),
-                         peer_options=peer_options)
+                         peer_options=peer_options, context=args.context)
     print_report(report)
     if args.json:
         write_json(args.json, report)

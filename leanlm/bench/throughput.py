@@ -126,7 +126,9 @@ def run_throughput(llm, prompts: list[str], output_len: int = 128, max_prompt_le
     k = min(baseline_prompts or len(reqs), len(reqs))
 
     warm_up(llm)
+    preempted = llm.engine.stats().num_preemptions
     report = time_batched(llm, reqs, output_len)
+    report["num_preemptions"] = llm.engine.stats().num_preemptions - preempted
     if baseline == "sequential":
         report["sequential"] = time_sequential(llm, reqs[:k], output_len)
         report["ratio_vs_sequential"] = report["output_throughput"] / report["sequential"]["output_throughput"]
@@ -148,7 +150,23 @@ def run_throughput(llm, prompts: list[str], output_len: int = 128, max_prompt_le
         "baseline_prompts": k if (baseline or vs) else None,
         "hf_batch_size": hf_batch_size if vs == "hf" else None,
     })
+    report.update(kv_capacity(llm, report["prompt_tokens_mean"] + output_len))
     return report
+
+
+def kv_capacity(llm, tokens_per_seq: float) -> dict:
+    """The KV cache's codec and size: bytes per token, the bytes it holds, its capacity in tokens,
+    and how many sequences of `tokens_per_seq` tokens fit at once (at most max_num_seqs)."""
+    from leanlm.bench.perplexity import kv_footprint
+
+    kv, per_token, compression = kv_footprint(llm)
+    used, free, block = llm.engine.cache.usage()
+    capacity = (used + free) * block
+    codec = getattr(llm.engine.cache, "codec", None)
+    return {"kv": kv, "kv_bytes_per_token": per_token, "kv_compression": compression,
+            "kv_cache_bytes": codec.allocated_bytes() if codec is not None else None,
+            "kv_capacity_tokens": capacity,
+            "seqs_fit": min(llm.engine.config.max_num_seqs, int(capacity // (-(-tokens_per_seq // block) * block)))}
 
 
 def print_report(report: dict) -> None:
@@ -167,6 +185,8 @@ def print_report(report: dict) -> None:
         rows.append(row(f"hf generate (batches of {report['hf']['batch_size']})", report["hf"],
                         report["ratio_vs_hf"]))
     caption = (f"{report['model']} · {report['dtype']} · {report['device']} · {report['threads']} threads · "
+               f"kv {report['kv']}: {report['kv_capacity_tokens']} tokens, {report['seqs_fit']} sequences fit, "
+               f"{report['num_preemptions']} preemptions · "
                f"{report['num_prompts']} ShareGPT prompts of {report['prompt_tokens_min']}–"
                f"{report['prompt_tokens_max']} tokens (mean {report['prompt_tokens_mean']:.0f}) · "
                f"{report['output_len']} output tokens each · 'leanlm ×' = leanlm output tok/s / that row's")
@@ -215,7 +235,9 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write request_throughput, output_throughput, total_token_throughput, elapsed_s, "
                         "token totals, sequential / hf sections and ratio_vs_* (leanlm output tok/s / "
-                        "baseline's), and the config (model, dtype, prompt_tokens, threads, ...) to PATH")
+                        "baseline's), the KV cache (kv, kv_bytes_per_token, kv_compression, kv_cache_bytes, "
+                        "kv_capacity_tokens, seqs_fit: sequences of mean length that fit, num_preemptions) "
+                        "and the config (model, dtype, prompt_tokens, threads, ...) to PATH")
     p.set_defaults(func=cmd_throughput)
 
 

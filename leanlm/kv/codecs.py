@@ -18,6 +18,7 @@ class KVCodec:
     rope_keys: bool = False   # keys are written before RoPE; reads return them rotated (xquant)
     wants_layer_input: bool = False  # write() also takes x, the layer's residual-stream input (xquant:cl)
     cross_layer: bool = False  # a layer's storage depends on the previous layer's in the same step
+    blockwise: bool = False    # quantizes a block when its last slot is written (KIVI)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [T, Hkv, D] of T new tokens into `slots` [T] (int64)."""

@@ -78,9 +78,7 @@ class PagedKVCache(KVCache):
         self.num_kv_heads, self.window = num_kv_heads, sliding_window
         # the codec's spec is part of every prefix hash: blocks stored differently never match
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, salt=f"{salt}|{codec.spec}")
-        from leanlm.kv.quantized import KiviCodec
-
-        self.blockwise = isinstance(codec, KiviCodec)  # quantizes whole blocks as they fill
+        self.blockwise = codec.blockwise  # quantizes whole blocks as they fill
         self.rope_keys, self.wants_layer_input = codec.rope_keys, codec.wants_layer_input
         self.layer_input = None  # set by the model before each attend when wants_layer_input
 

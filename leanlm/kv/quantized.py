@@ -179,6 +179,7 @@ class _WritePlan:
 
 
 class KiviCodec(KVCodec):
+    blockwise = True  # quantizes whole blocks as they fill
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, bits: int, max_partial: int,
                  vbits: int | None = None, vgroup: int | None = None, rotate: bool = False):

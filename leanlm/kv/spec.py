@@ -15,6 +15,11 @@
     xquant:BITS[:gG][:cl]              XQuant: the SVD latent of [K_pre | V] (or, with cl, deltas of
                                        the residual stream between layers), BITS 8, 4, 3 or 2, per
                                        token over groups of G channels (default 32)
+    minicache[:START][:T][:GAMMA][+INNER]
+                                       MiniCache: layers START.. (default: the middle) merged in
+                                       adjacent pairs (SLERP factor T, default 0.6; tokens with
+                                       angular distance / pi > GAMMA, default 0.05, retained), the
+                                       shared directions stored by INNER (default bf16; e.g. kivi:4)
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from dataclasses import dataclass
 
 ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:vVBITS][:cC][:rotate] "
            "(BITS, VBITS 8, 4, 3 or 2; R = G), "
-           "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16), xquant:BITS[:gG][:cl] (BITS 8, 4, 3 or 2)")
+           "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16), xquant:BITS[:gG][:cl] (BITS 8, 4, 3 or 2), "
+           "minicache[:START][:T][:GAMMA][+INNER] (T, GAMMA in [0, 1]; INNER one of the above but xquant)")
 PLAIN = ("fp16", "bf16", "fp32")
 FP8 = ("e4m3", "e5m2")
 KIVI_BITS = (8, 4, 3, 2)
@@ -43,19 +49,46 @@ class KVSpec:
     vgroup: int = 0              # kivi: channels per value group (0: the default, 32)
     rotate: bool = False         # kivi: Hadamard-rotate q, k, v per head before the cache
     cl: bool = False             # xquant: cross-layer deltas of the residual stream
+    start: int | None = None     # minicache: first merged layer (None: the middle)
+    t: float = 0.6               # minicache: SLERP factor
+    gamma: float = 0.05          # minicache: retention threshold (angular distance / pi)
+    inner: "KVSpec | None" = None  # minicache: how the merged directions are stored
 
     @classmethod
     def parse(cls, text: str) -> "KVSpec":
         if not isinstance(text, str):
             raise ValueError(f"kv spec must be a string, got {text!r}; allowed: {ALLOWED}")
-        parts = text.strip().lower().split(":")
+        head, plus, rest = text.strip().lower().partition("+")
         try:
-            spec = cls._parse(parts)
+            if head.split(":")[0] == "minicache":
+                spec = cls._minicache(head.split(":")[1:], cls.parse(rest or "bf16") if plus else cls("plain", dtype="bf16"))
+            else:
+                spec = cls._parse(text.strip().lower().split(":"))
         except ValueError as e:
             raise ValueError(f"kv spec {text!r} is not valid: {e}; allowed: {ALLOWED}") from None
         if spec is None:
             raise ValueError(f"kv spec {text!r} is not understood; allowed: {ALLOWED}")
         return spec
+
+    @classmethod
+    def _minicache(cls, opts: list[str], inner: "KVSpec") -> "KVSpec":
+        if inner.kind in ("minicache", "xquant"):
+            raise ValueError(f"minicache stores its directions with a per-layer codec, not {inner}")
+        start = None
+        if opts and re.fullmatch(r"\d+", opts[0]):
+            start, opts = int(opts[0]), opts[1:]
+        values = []
+        for o in opts:
+            try:
+                values.append(float(o))
+            except ValueError:
+                raise ValueError(f"minicache option {o!r}: expected START (an integer), then T and GAMMA "
+                                 "(numbers in [0, 1])") from None
+        if len(values) > 2 or not all(0 <= x <= 1 for x in values):
+            raise ValueError(f"minicache T and GAMMA {opts} must be at most two numbers in [0, 1]")
+        t, gamma = (values + [0.6, 0.05][len(values):])[:2]
+        return cls("minicache", start=start, t=t, gamma=gamma, inner=inner, group=inner.group,
+                   reorder=inner.reorder)
 
     @classmethod
     def _parse(cls, parts: list[str]) -> "KVSpec | None":
@@ -86,6 +119,9 @@ class KVSpec:
         return None
 
     def __str__(self) -> str:
+        if self.kind == "minicache":
+            return ("minicache" + (f":{self.start}" if self.start is not None else "")
+                    + f":{self.t:g}:{self.gamma:g}+{self.inner}")
         if self.kind == "plain":
             return self.dtype
         if self.kind == "fp8":
@@ -159,6 +195,16 @@ def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_s
 
         return BfpCodec(*shape, mantissa_bits=spec.bits, block=spec.block,
                         reorder=spec.reorder)
+    if spec.kind == "minicache":
+        from leanlm.kv.minicache import MiniCacheCodec
+
+        def inner(layers: int):
+            return build_codec(spec.inner, layers, num_blocks, block_size, num_kv_heads, head_dim, dtype,
+                               device, max_seqs)
+
+        start = num_layers // 2 if spec.start is None else spec.start
+        return MiniCacheCodec(inner, num_layers, slots, block_size, num_kv_heads, head_dim, dtype, device,
+                              start=start, t=spec.t, gamma=spec.gamma)
     if spec.kind == "xquant":
         from leanlm.kv.xquant import XQuantCodec
 

@@ -202,3 +202,27 @@ def test_llama_cpp_peer_missing_is_a_clear_error(llm, tiny_gguf_file, monkeypatc
                     peer_options={"peer_gguf": tiny_gguf_file})
     assert main(["bench", "latency", "--model", str(tiny_model_dir("llama")), "--peer-gguf", "x.gguf"]) == 2
     assert "--peer-gguf and --peer-gguf-type go with --vs llama.cpp" in capsys.readouterr().err
+
+
+def test_context_flag_decodes_from_a_long_prompt_and_reports_the_kv_codec(tiny_model_dir, tmp_path, monkeypatch):
+    """--context C: the tg row's prompt has C tokens (each step attends to >= C cached tokens);
+    the JSON names the codec and its bytes per token."""
+    import leanlm.bench.latency as latency
+
+    seen = []
+    real = latency.measure
+    monkeypatch.setattr(latency, "measure", lambda t, pp, tg, g, r: seen.append(len(tg)) or real(t, pp, tg, g, r))
+    out = tmp_path / "lat.json"
+    model = str(tiny_model_dir("llama"))
+    assert main(["bench", "latency", "--model", model, "--prompt-len", "8", "--gen-len", "4", "--repeats", "1",
+                 "--kv", "kivi:4", "--context", "100", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert seen == [100] and r["context"] == 100 and r["tg4_tps"] > 0
+    assert (r["kv"], r["kv_bytes_per_token"]) == ("kivi:4:g16", 144)  # 3 layers x 2 heads x (16 + 4 + 4)
+    assert r["kv_compression"] == round(2 * 3 * 2 * 16 * 2 / 144, 4)
+
+
+def test_context_that_does_not_fit_is_a_clear_error(llm):
+    limit = llm.engine.max_model_len
+    with pytest.raises(ValueError, match=f"context {limit} \\+ gen_len=4 does not fit"):
+        run_latency(llm, prompt_len=8, gen_len=4, repeats=1, context=limit)

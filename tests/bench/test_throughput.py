@@ -120,3 +120,23 @@ def test_bad_values_are_clear_errors(llm, data_dir, tiny_model_dir, tmp_path, mo
         run_throughput(llm, PROMPTS, output_len=2, baseline="x")
     with pytest.raises(ValueError, match="num_prompts must be >= 1"):
         run_throughput(llm, [], output_len=2)
+
+
+def test_kv_budget_fields_say_how_many_sequences_fit(data_dir, tiny_model_dir, tmp_path):
+    """--kv and --kv-cache-memory: the report names the codec, the cache's bytes and capacity, and
+    how many sequences of the mean length fit; a 4x smaller codec fits more in the same budget."""
+    model = str(tiny_model_dir("llama"))
+    fields = {}
+    for kv in ("bf16", "kivi:2:g16"):
+        out = tmp_path / f"{kv}.json"
+        assert main(["bench", "throughput", "--model", model, "--num-prompts", "4", "--output-len", "40",
+                     "--max-num-seqs", "4", "--kv", kv, "--kv-cache-memory", "160KiB", "--json", str(out)]) == 0
+        fields[kv] = r = json.loads(out.read_text())
+        assert r["kv"] == kv and r["kv_cache_bytes"] <= 160 * 1024
+        per_seq = -(-(r["prompt_tokens_mean"] + 40) // 16) * 16  # whole blocks
+        assert r["seqs_fit"] == min(4, r["kv_capacity_tokens"] // per_seq)
+        assert r["kv_capacity_tokens"] % 16 == 0 and r["num_preemptions"] >= 0
+        assert r["total_output_tokens"] == 4 * 40
+    # bf16: 3 layers x 2 heads x 2 x 16 x 2 = 384 B/token; kivi:2 at g16: 3 x 2 x (8 codes + 4 K + 4 V (s, z))
+    assert (fields["bf16"]["kv_bytes_per_token"], fields["kivi:2:g16"]["kv_bytes_per_token"]) == (384, 96)
+    assert fields["kivi:2:g16"]["kv_capacity_tokens"] > fields["bf16"]["kv_capacity_tokens"]

@@ -5,11 +5,11 @@ RoPE at their positions; XQuant-CL reconstructs each layer's input within one de
 import pytest
 import torch
 
-from leanlm import LLM, SamplingParams
+from leanlm import LLM
 from leanlm.kv.xquant import XQuantCodec, kv_weights
 from leanlm.models.layers import RotaryEmbedding
+from tests.kv.engine_checks import check_batched_and_prefix_cache, prompts
 
-GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +98,6 @@ def test_memory_accounting_equals_bytes_allocated(model, kv):
     assert codec.allocated_bytes() == 5 * 16 * codec.bytes_per_token() and codec.fixed_bytes() == 0
 
 
-def prompts(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 300, (9 + 13 * i,), generator=g).tolist() for i in range(n)]
-
-
-def ids(outs):
-    return [o.outputs[0].token_ids for o in outs]
-
-
 @pytest.mark.parametrize("kv", ["xquant:8", "xquant:8:cl"])
 def test_xquant8_is_close_to_the_plain_cache(path, kv):
     seq = prompts(1, seed=6)[0] * 3
@@ -119,16 +110,7 @@ def test_xquant8_is_close_to_the_plain_cache(path, kv):
 
 @pytest.mark.parametrize("kv", ["xquant:4", "xquant:3:cl"])
 def test_engine_batched_equals_alone_and_prefix_cache(path, kv):
-    llm = LLM(path, dtype="float32", kv=kv, enable_prefix_caching=False)
-    ps = prompts()
-    alone = [ids(llm.generate([p], GREEDY))[0] for p in ps]
-    assert ids(llm.generate(ps, GREEDY)) == alone
-    shared = prompts(1, seed=4)[0] * 4
-    a, b = shared + [5, 6, 7], shared + [8, 9]
-    expected = ids(llm.generate([a], GREEDY)) + ids(llm.generate([b], GREEDY))
-    cached = LLM(path, dtype="float32", kv=kv)
-    assert ids(cached.generate([a], GREEDY)) + ids(cached.generate([b], GREEDY)) == expected
-    assert cached.engine.stats().prefix_cache_hits == len(shared) // 16 * 16
+    check_batched_and_prefix_cache(path, kv)
 
 
 def test_xquant_needs_float_projection_weights(path):
