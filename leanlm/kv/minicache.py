@@ -16,9 +16,12 @@ step (no early-exit split steps; the step buffer holds layer a's new k/v until l
 
 Storage. Directions go through an INNER codec (default bf16; `+kivi:4` etc. composes) that has
 START + pairs (+ 1 unpaired last layer) virtual layers; magnitudes are fp16 [slots, 2 layers,
-K/V, H] per pair; the retention pool holds RETAIN_FRACTION of the slots per pair (allocated, so
-counted in bytes_per_token with an int32 slot -> row map per pair); tokens beyond its capacity are
-merged anyway (`overflow` counts them). bytes_per_token = inner + magnitudes + map + pool / slot.
+K/V, H] per pair; the retention pool holds RETAIN_FRACTION of every block's slots per pair (a
+quota per block, so what a sequence may retain - and what the perplexity eval measures - is what
+bytes_per_token pays for, however empty the rest of the pool is), with an int32 slot -> row map per
+pair. Within a block the most distant tokens of a step are retained first; tokens beyond the quota
+are merged anyway (`overflow` counts them). bytes_per_token = inner + magnitudes + map + pool share.
+A slot written again before its block is released (speculative rollback) keeps its quota used.
 """
 from __future__ import annotations
 
@@ -62,10 +65,11 @@ class MiniCacheCodec(KVCodec):
         self.spec = f"minicache:{start}:{t:g}:{gamma:g}+{self.inner.spec}"
         H, P = num_kv_heads, self.pairs
         self.mag = [torch.ones(num_slots, 2, 2, H, dtype=torch.float16, device=device) for _ in range(P)]
-        self.cap = max(1, math.ceil(num_slots * RETAIN_FRACTION))
-        self.pool = Fp8Codec(P, self.cap, 1, H, head_dim, dtype, device, "e4m3")
+        self.quota = max(1, round(block_size * RETAIN_FRACTION))  # retained tokens per block and pair
+        num_blocks = num_slots // block_size
+        self.pool = Fp8Codec(P, num_blocks * self.quota, 1, H, head_dim, dtype, device, "e4m3")
         self.ret_row = [torch.full((num_slots,), -1, dtype=torch.int32, device=device) for _ in range(P)]
-        self._free = [list(range(self.cap - 1, -1, -1)) for _ in range(P)]
+        self._used = [[0] * num_blocks for _ in range(P)]  # quota used per block
         self.overflow = 0
         self._held = None  # layer a's new (k, v) of this step, until layer b merges them
 
@@ -82,8 +86,7 @@ class MiniCacheCodec(KVCodec):
         return self.inner.tensors() + self.mag + self.ret_row + self.pool.tensors()
 
     def bytes_per_token(self) -> float:
-        slots = self.mag[0].shape[0] if self.pairs else 1
-        per_pair = 2 * 2 * self.num_kv_heads * 2 + 4 + self.pool.bytes_per_token() / self.pairs * self.cap / slots
+        per_pair = 2 * 2 * self.num_kv_heads * 2 + 4 + self.pool.bytes_per_token() / self.pairs * self.quota / self.block_size
         return self.inner.bytes_per_token() + self.pairs * per_pair
 
     def fixed_bytes(self) -> int:
@@ -100,9 +103,9 @@ class MiniCacheCodec(KVCodec):
         bs = self.block_size
         slots = (torch.tensor(blocks, device=self.device).unsqueeze(1) * bs + torch.arange(bs, device=self.device)).flatten()
         for p in range(self.pairs):
-            rows = self.ret_row[p][slots]
-            self._free[p].extend(rows[rows >= 0].tolist())
             self.ret_row[p][slots] = -1
+            for b in blocks:
+                self._used[p][b] = 0
 
     def write(self, layer, slots, k, v) -> None:
         vl, p, second = self._where(layer)
@@ -114,8 +117,6 @@ class MiniCacheCodec(KVCodec):
         if not second:  # layer a: its own direction and magnitude until layer b merges them
             self._held = (slots, u, norm)
             self.mag[p][slots, 0] = norm.squeeze(-1).half()
-            old = self.ret_row[p][slots]  # slots written again (speculative rollback): free their rows
-            self._free[p].extend(old[old >= 0].tolist())
             self.ret_row[p][slots] = -1
             return self.inner.write(vl, slots, u[:, 0].to(self.dtype), u[:, 1].to(self.dtype))
         held_slots, ua, norm_a = self._held
@@ -123,14 +124,20 @@ class MiniCacheCodec(KVCodec):
             raise RuntimeError(f"minicache: layer {layer} writes other slots than layer {layer - 1} "
                                "(a pair's layers must run in one step)")
         e, omega = slerp(ua, u, self.t)
-        retain = (omega / math.pi > self.gamma).flatten(1).any(1)  # [T]
-        idx = retain.nonzero().squeeze(1)
-        free = self._free[p]
-        if idx.numel() > len(free):
-            self.overflow += idx.numel() - len(free)
-            idx = idx[: len(free)]
+        distance = (omega / math.pi).flatten(1).amax(1)  # [T]: the farthest of its heads, K or V
+        cand = (distance > self.gamma).nonzero().squeeze(1)
+        cand = cand[distance[cand].argsort(descending=True, stable=True)]
+        used, chosen, rows = self._used[p], [], []
+        for i, slot in zip(cand.tolist(), slots[cand].tolist()):
+            b = slot // self.block_size
+            if used[b] < self.quota:
+                rows.append(b * self.quota + used[b])
+                used[b] += 1
+                chosen.append(i)
+        self.overflow += cand.numel() - len(chosen)
+        idx = torch.tensor(chosen, dtype=torch.long, device=self.device)
         if idx.numel():
-            rows = torch.tensor([free.pop() for _ in range(idx.numel())], dtype=torch.long, device=self.device)
+            rows = torch.tensor(rows, dtype=torch.long, device=self.device)
             self.ret_row[p][slots[idx]] = rows.to(torch.int32)
             self.pool.write(p, rows, k[idx], v[idx])
             e[idx] = ua[idx]  # retained: the slot keeps layer a's own direction

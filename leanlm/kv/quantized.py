@@ -15,7 +15,11 @@ and a >= 4x codec needs 3-bit codes and larger groups (e.g. kivi:4:g64:v3:c64).
 `rotate` multiplies q, k and v of every head by the orthonormal, symmetric Walsh-Hadamard matrix
 H before the cache (QuaRot's online rotation): (qH)(kH)^T = qk^T, and attention over vH gives
 out H, undone by one more H on the output; it spreads outlier channels over the head, so a
-per-token value group (and a key group) sees a flatter range. Two [T, H, D] x [D, D] matmuls per
+per-token value group (and a key group) sees a flatter range. `ktok` quantizes keys per token over
+C channels too (QuaRot's layout; worse than per-channel on SmolLM2). `knorm` stores each token's key
+norm per head (fp16, 2 bytes) and quantizes the unit key directions per channel over the block: the
+attention sink's huge key no longer sets the range of its block's channels (MiniCache's
+direction/magnitude split gave the idea). Two [T, H, D] x [D, D] matmuls per
 layer on the step's new tokens, none over the cached context.
 G is the cache block size: the block a sequence is still filling is KIVI's full-precision
 residual (kept in a pool of `max_partial` rows, one per running sequence) and the block is
@@ -182,16 +186,20 @@ class KiviCodec(KVCodec):
     blockwise = True  # quantizes whole blocks as they fill
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, bits: int, max_partial: int,
-                 vbits: int | None = None, vgroup: int | None = None, rotate: bool = False):
+                 vbits: int | None = None, vgroup: int | None = None, rotate: bool = False,
+                 ktoken: bool = False, knorm: bool = False):
         vbits = vbits or bits
+        if knorm and ktoken:
+            raise ValueError("kivi knorm (per-token key norms, per-channel directions) and ktok exclude each other")
         if head_dim % 8:
             raise ValueError(f"kivi needs head_dim divisible by 8 (packed codes), head_dim is {head_dim}")
         if vgroup is not None and head_dim % vgroup:
             raise ValueError(f"kivi value group c{vgroup} must divide head_dim {head_dim}")
         self.vgroup = vgroup or (V_GROUP if head_dim % V_GROUP == 0 else head_dim)
         self.spec = (f"kivi:{bits}:g{block_size}" + (f":v{vbits}" if vbits != bits else "")
-                     + (f":c{self.vgroup}" if vgroup else "") + (":rotate" if rotate else ""))
-        self.bits, self.vbits = bits, vbits
+                     + (f":c{self.vgroup}" if vgroup else "") + (":rotate" if rotate else "")
+                     + (":ktok" if ktoken else "") + (":knorm" if knorm else ""))
+        self.bits, self.vbits, self.ktoken, self.knorm = bits, vbits, ktoken, knorm
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.dtype, self.num_layers, self.device = dtype, num_layers, torch.device(device)
         if rotate:
@@ -204,8 +212,11 @@ class KiviCodec(KVCodec):
             return [torch.zeros(*shape, dtype=dt, device=device) for _ in range(num_layers)]
 
         self.kc, self.vc = zeros(num_blocks, bs, H, P, dt=torch.uint8), zeros(num_blocks, bs, H, PV, dt=torch.uint8)
-        self.ks, self.kz = zeros(num_blocks, 1, H, D, dt=torch.float16), zeros(num_blocks, 1, H, D, dt=torch.float16)
         ng = D // self.vgroup
+        kshape = (num_blocks, bs, H, ng, 1) if ktoken else (num_blocks, 1, H, D)
+        self.ks, self.kz = zeros(*kshape, dt=torch.float16), zeros(*kshape, dt=torch.float16)
+        # knorm: each token's key norm per head (fp16); the per-channel codes hold the unit direction
+        self.kn = zeros(num_blocks, bs, H, 1, dt=torch.float16) if knorm else []
         self.vs, self.vz = zeros(num_blocks, bs, H, ng, 1, dt=torch.float16), zeros(num_blocks, bs, H, ng, 1, dt=torch.float16)
         # the residual: full-precision K/V of blocks still filling, one row per running sequence
         self.rk, self.rv = zeros(max_partial, bs, H, D, dt=dtype), zeros(max_partial, bs, H, D, dt=dtype)
@@ -216,12 +227,14 @@ class KiviCodec(KVCodec):
 
     def tensors(self):
         # res_row (8 bytes per block) is bookkeeping, like the block tables, not K/V storage
-        return self.kc + self.vc + self.ks + self.kz + self.vs + self.vz + self.rk + self.rv
+        return self.kc + self.vc + self.ks + self.kz + self.kn + self.vs + self.vz + self.rk + self.rv
 
     def bytes_per_token(self) -> int | float:
         H, D, bs = self.num_kv_heads, self.head_dim, self.block_size
         codes = D * (self.bits + self.vbits) // 8
-        scales = 2 * 2 * D / bs + 2 * 2 * D // self.vgroup   # fp16 (scale, zero): K per block, V per token
+        per_group = 2 * 2 * D // self.vgroup                  # fp16 (scale, zero) per token and group
+        scales = (per_group if self.ktoken else 2 * 2 * D / bs) + per_group  # K per block (or token), V
+        scales += 2 if self.knorm else 0
         per_token = self.num_layers * H * (codes + scales)
         return int(per_token) if per_token == int(per_token) else per_token
 
@@ -281,17 +294,21 @@ class KiviCodec(KVCodec):
         plan = self._plan_for(slots)
         bs, H, D = self.block_size, self.num_kv_heads, self.head_dim
         T = k.shape[0]
-        # values: per token over channel groups, quantized as they arrive
-        q, s, z = asym_quantize(v.float().view(T, H, D // self.vgroup, self.vgroup), -1, self.vbits)
-        self.vc[layer].view(-1, H, D * self.vbits // 8).index_copy_(0, slots, pack_codes(q.view(T, H, D), self.vbits))
-        self.vs[layer].view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, s)
-        self.vz[layer].view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, z)
+        # values (and, with ktok, keys): per token over channel groups, quantized as they arrive
+        self._write_tokens(v, slots, self.vbits, self.vc[layer], self.vs[layer], self.vz[layer])
+        if self.ktoken:
+            self._write_tokens(k, slots, self.bits, self.kc[layer], self.ks[layer], self.kz[layer])
         rk, rv = self.rk[layer].view(-1, H, D), self.rv[layer].view(-1, H, D)
-        if plan.full_blocks.numel():  # keys of full blocks: per channel over the block's tokens
+        if plan.full_blocks.numel() and not self.ktoken:  # keys of full blocks: per channel over the block's tokens
             keys = k.index_select(0, plan.new_idx)
             if plan.old_idx.numel():  # read the residual before this step's writes reuse its rows
                 keys = torch.cat((rk.index_select(0, plan.old_idx), keys)).index_select(0, plan.order)
-            q, s, z = asym_quantize(keys.float().view(-1, bs, H, D), 1, self.bits)
+            keys = keys.float().view(-1, bs, H, D)
+            if self.knorm:  # a token with a huge key (the attention sink) no longer sets its channels' range
+                norm = keys.norm(dim=-1, keepdim=True).clamp(min=2.0**-14).half()
+                self.kn[layer].index_copy_(0, plan.full_blocks, norm)
+                keys = keys / norm.float()
+            q, s, z = asym_quantize(keys, 1, self.bits)
             self.kc[layer].index_copy_(0, plan.full_blocks, pack_codes(q, self.bits))
             self.ks[layer].index_copy_(0, plan.full_blocks, s)
             self.kz[layer].index_copy_(0, plan.full_blocks, z)
@@ -299,16 +316,31 @@ class KiviCodec(KVCodec):
             rk.index_copy_(0, plan.res_dst, k.index_select(0, plan.res_src).to(self.dtype))
             rv.index_copy_(0, plan.res_dst, v.index_select(0, plan.res_src).to(self.dtype))
 
+    def _write_tokens(self, x, slots, bits, codes, scales, zeros) -> None:
+        T, H, D = x.shape
+        q, s, z = asym_quantize(x.float().view(T, H, D // self.vgroup, self.vgroup), -1, bits)
+        codes.view(-1, H, D * bits // 8).index_copy_(0, slots, pack_codes(q.view(T, H, D), bits))
+        scales.view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, s)
+        zeros.view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, z)
+
+    def _read_tokens(self, rows, bits, codes, scales, zeros) -> torch.Tensor:
+        bs, H, D = self.block_size, self.num_kv_heads, self.head_dim
+        q = unpack_codes(codes.index_select(0, rows), bits).float().view(-1, bs, H, D // self.vgroup, self.vgroup)
+        return (q * scales.index_select(0, rows).float() + zeros.index_select(0, rows).float()).view(-1, bs, H, D)
+
     def read_blocks(self, layer, block_tables):
         B, nblk = block_tables.shape
         bs, H, D = self.block_size, self.num_kv_heads, self.head_dim
         rows = block_tables.reshape(-1)
-        kq = unpack_codes(self.kc[layer].index_select(0, rows), self.bits).float()
-        k = kq * self.ks[layer].index_select(0, rows).float() + self.kz[layer].index_select(0, rows).float()
-        vq = unpack_codes(self.vc[layer].index_select(0, rows), self.vbits).float()
-        vq = vq.view(-1, bs, H, D // self.vgroup, self.vgroup)
-        v = vq * self.vs[layer].index_select(0, rows).float() + self.vz[layer].index_select(0, rows).float()
-        k, v = k.to(self.dtype), v.view(-1, bs, H, D).to(self.dtype)
+        if self.ktoken:
+            k = self._read_tokens(rows, self.bits, self.kc[layer], self.ks[layer], self.kz[layer])
+        else:
+            kq = unpack_codes(self.kc[layer].index_select(0, rows), self.bits).float()
+            k = kq * self.ks[layer].index_select(0, rows).float() + self.kz[layer].index_select(0, rows).float()
+            if self.knorm:
+                k = k * self.kn[layer].index_select(0, rows).float()
+        v = self._read_tokens(rows, self.vbits, self.vc[layer], self.vs[layer], self.vz[layer])
+        k, v = k.to(self.dtype), v.to(self.dtype)
         res = self.res_row.index_select(0, rows)
         partial = (res >= 0).nonzero().squeeze(1)
         if partial.numel():  # blocks still filling: their full-precision residual

@@ -2,14 +2,16 @@
 
     fp16 | bf16 | fp32                 plain storage in that dtype (read back in the compute dtype)
     fp8:e4m3 | fp8:e5m2                FP8 with a power-of-two scale per token and KV head
-    kivi:BITS[:gG][:rR][:vVBITS][:cC][:rotate]
+    kivi:BITS[:gG][:rR][:vVBITS][:cC][:rotate][:ktok|:knorm]
                                        KIVI: BITS 8, 4, 3 or 2 (or int8 / int4 / int3 / int2); keys per
                                        channel over groups of G tokens (G = the cache block size),
                                        values per token over groups of C channels (default 32) with
                                        VBITS bits (default BITS); the not-yet-full block is the
                                        full-precision residual, so R, when given, must equal G;
                                        `rotate`: a per-head Walsh-Hadamard rotation of q, k, v before
-                                       the cache (undone on the attention output), q.k unchanged
+                                       the cache (undone on the attention output), q.k unchanged;
+                                       `ktok`: keys per token over C channels too, as values;
+                                       `knorm`: per-token key norms, per-channel unit directions
     bfp:MANTISSA[:bBLOCK][:reorder]    block floating point, MANTISSA 2..16 bits (sign included),
                                        a shared exponent per BLOCK channels (default 16)
     xquant:BITS[:gG][:cl]              XQuant: the SVD latent of [K_pre | V] (or, with cl, deltas of
@@ -26,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:vVBITS][:cC][:rotate] "
+ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:vVBITS][:cC][:rotate][:ktok|:knorm] "
            "(BITS, VBITS 8, 4, 3 or 2; R = G), "
            "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16), xquant:BITS[:gG][:cl] (BITS 8, 4, 3 or 2), "
            "minicache[:START][:T][:GAMMA][+INNER] (T, GAMMA in [0, 1]; INNER one of the above but xquant)")
@@ -48,6 +50,8 @@ class KVSpec:
     vbits: int = 0               # kivi: value bits (0: = bits)
     vgroup: int = 0              # kivi: channels per value group (0: the default, 32)
     rotate: bool = False         # kivi: Hadamard-rotate q, k, v per head before the cache
+    ktoken: bool = False         # kivi: keys per token over channel groups too (QuaRot-style, with rotate)
+    knorm: bool = False          # kivi: per-token key norms (fp16), per-channel quantized directions
     cl: bool = False             # xquant: cross-layer deltas of the residual stream
     start: int | None = None     # minicache: first merged layer (None: the middle)
     t: float = 0.6               # minicache: SLERP factor
@@ -99,7 +103,8 @@ class KVSpec:
             return cls("fp8", dtype=opts[0])
         if head == "kivi" and opts:
             bits = _bits(opts[0], "kivi")
-            o = _options(opts[1:], {"g": "group", "r": "residual", "v": "value bits", "c": "value group"}, ("rotate",))
+            o = _options(opts[1:], {"g": "group", "r": "residual", "v": "value bits", "c": "value group"},
+                         ("rotate", "ktok", "knorm"))
             group, residual, vbits = o.get("g"), o.get("r"), o.get("v", 0)
             if vbits and vbits not in KIVI_BITS:
                 raise ValueError(f"kivi value bits v{vbits} must be v8, v4, v3 or v2")
@@ -107,7 +112,8 @@ class KVSpec:
                 raise ValueError(f"r{residual} != g{group}: in the paged cache the full-precision "
                                  f"residual is the not-yet-full block of G tokens, so R must equal G")
             return cls("kivi", bits=bits, group=group or residual, vbits=0 if vbits == bits else vbits,
-                       vgroup=o.get("c", 0), rotate="rotate" in o)
+                       vgroup=o.get("c", 0), rotate="rotate" in o, ktoken="ktok" in o,
+                       knorm="knorm" in o)
         if head == "xquant" and opts:
             o = _options(opts[1:], {"g": "group"}, ("cl",))
             return cls("xquant", bits=_bits(opts[0], "xquant"), block=o.get("g", XQUANT_DEFAULT_GROUP), cl="cl" in o)
@@ -129,7 +135,8 @@ class KVSpec:
         if self.kind == "kivi":
             return (f"kivi:{self.bits}" + (f":g{self.group}" if self.group else "")
                     + (f":v{self.vbits}" if self.vbits else "") + (f":c{self.vgroup}" if self.vgroup else "")
-                    + (":rotate" if self.rotate else ""))
+                    + (":rotate" if self.rotate else "") + (":ktok" if self.ktoken else "")
+                    + (":knorm" if self.knorm else ""))
         if self.kind == "xquant":
             return f"xquant:{self.bits}:g{self.block}" + (":cl" if self.cl else "")
         return f"bfp:{self.bits}:b{self.block}" + (":reorder" if self.reorder else "")
@@ -189,7 +196,8 @@ def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_s
             raise ValueError(f"kv spec {spec}: group {spec.group} must equal the block size {block_size}")
         return KiviCodec(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
                          bits=spec.bits, max_partial=max_seqs, vbits=spec.vbits or spec.bits,
-                         vgroup=spec.vgroup or None, rotate=spec.rotate)
+                         vgroup=spec.vgroup or None, rotate=spec.rotate, ktoken=spec.ktoken,
+                         knorm=spec.knorm)
     if spec.kind == "bfp":
         from leanlm.kv.bfp import BfpCodec
 

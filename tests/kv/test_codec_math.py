@@ -127,6 +127,8 @@ def test_bfp_error_bound(m, block):
     ("bfp:8", 2 * (64 + 4)), ("bfp:4:b8", 2 * (32 + 8)), ("bfp:16", 2 * (128 + 4)), ("bfp:3", 2 * (64 + 4)),
     ("kivi:3", 2 * 24 + 16 + 8),                                 # 8 codes per 3 bytes
     ("kivi:4:v3:c64:rotate", 32 + 24 + 16 + 4),                  # 4-bit K, 3-bit V, one V (s, z) per head
+    ("kivi:4:c64:ktok", 2 * 32 + 4 + 4),                         # K (s, z) per token and head, as V
+    ("kivi:4:knorm", 2 * 32 + 16 + 8 + 2),                       # + an fp16 key norm per token and head
 ])
 def test_memory_accounting_equals_bytes_allocated(text, per_head_layer):
     codec = build_codec(KVSpec.parse(text), L, NB, BS, H, D, torch.bfloat16, CPU, max_seqs=3)
@@ -144,3 +146,33 @@ def test_plain_codec_in_another_dtype_reads_back_in_the_compute_dtype():
     kh, vh = codec.read_slots(0, 0, 20)
     assert kh.dtype == torch.float32 and not codec.exact
     assert torch.equal(kh, k.half().float()) and torch.equal(vh, v.half().float())
+
+
+def test_kivi_keys_per_token_error_bound():
+    """ktok: keys quantized per token over groups of C channels as they arrive, like values."""
+    qmax = 15
+    codec = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, 4, max_partial=2, vgroup=16, ktoken=True)
+    n = 2 * BS
+    k, v = write_blocks(codec, n)
+    kh, _ = codec.read_slots(0, 0, n)
+    ks = codec.ks[0].view(-1, H, D // 16, 1)[:n].double().expand(n, H, D // 16, 16).reshape(n, H, D)
+    assert ((kh.double() - k.double()).abs() <= asym_bound(k.double(), ks, qmax)).all()
+    span = k.double().view(n, H, D // 16, 16)
+    span = (span.amax(-1) - span.amin(-1)).repeat_interleave(16, -1)  # each group's own range
+    assert (ks <= span / qmax * (1 + 2.0**-9) + 2.0**-24 + k.double().abs() * 2.0**-10).all()
+
+
+def test_kivi_key_norms_scale_quantized_directions():
+    """knorm: a full block's keys are stored as fp16 norms times per-channel quantized unit
+    directions: |k - n d_hat| <= n |d - d_hat| + |k| 2^-11 (the norm's fp16 rounding)."""
+    codec = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, 4, max_partial=2, knorm=True)
+    k, _ = write_blocks(codec, BS)
+    kh, _ = codec.read_slots(0, 0, BS)
+    n = k.double().norm(dim=-1, keepdim=True)
+    d = (k.double() / codec.kn[0][0].double()).view(1, BS, H, D)
+    ks = codec.ks[0][:1].double()
+    bound = n * (1 + 2.0**-10) * asym_bound(d, ks, 15)[0] + k.double().abs() * 2.0**-10
+    assert ((kh.double() - k.double()).abs() <= bound).all()
+    assert ((codec.kn[0][0].double() - n).abs() <= n * 2.0**-10).all()  # the norm, to fp16's precision
+    with pytest.raises(ValueError, match="knorm .* and ktok exclude each other"):
+        KiviCodec(L, NB, BS, H, D, torch.float32, CPU, 4, max_partial=2, knorm=True, ktoken=True)

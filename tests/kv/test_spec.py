@@ -12,6 +12,7 @@ from leanlm.kv.spec import KVSpec
     ("bfp:4:b8:reorder", "bfp:4:b8:reorder"), ("kivi:3", "kivi:3"), ("kivi:4:g64:v3:c64:rotate", "kivi:4:g64:v3:c64:rotate"),
     ("kivi:2:v2", "kivi:2"), ("kivi:int3:rotate:g32", "kivi:3:g32:rotate"), ("xquant:4", "xquant:4:g32"),
     ("xquant:int2:g128:cl", "xquant:2:g128:cl"), ("xquant:3:cl", "xquant:3:g32:cl"),
+    ("kivi:4:ktok:rotate", "kivi:4:rotate:ktok"), ("kivi:4:g64:knorm", "kivi:4:g64:knorm"),
 ])
 def test_round_trip(text, canonical):
     spec = KVSpec.parse(text)
