@@ -158,7 +158,8 @@ def print_report(report: dict) -> None:
             r += [tps(ps["median"]), f"{tps(ps['min'])}–{tps(ps['max'])}", f"{report[f'ratio_{row}']:.2f}x"]
         rows.append(r)
     caption = (f"{report['model']} · {report['dtype']}" + (f" · {report['quant']}" if report.get("quant") else "")
-               + f" · kv {report['kv']} · {tg} at context {report['context']}"
+               + (f" · kv {report['kv']}" if report.get("kv") else "")
+               + (f" · {tg} at context {report['context']}" if report.get("context") else "")
                + f" · {report['device']} · {report['threads']} threads · "
                f"median of {report['repeats']} runs after 1 warm-up")
     print_table("leanlm bench latency (batch 1)", cols, rows, caption)

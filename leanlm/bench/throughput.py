@@ -184,9 +184,9 @@ def print_report(report: dict) -> None:
     if "hf" in report:
         rows.append(row(f"hf generate (batches of {report['hf']['batch_size']})", report["hf"],
                         report["ratio_vs_hf"]))
-    caption = (f"{report['model']} · {report['dtype']} · {report['device']} · {report['threads']} threads · "
-               f"kv {report['kv']}: {report['kv_capacity_tokens']} tokens, {report['seqs_fit']} sequences fit, "
-               f"{report['num_preemptions']} preemptions · "
+    kv = (f"kv {report['kv']}: {report['kv_capacity_tokens']} tokens, {report['seqs_fit']} sequences fit, "
+          f"{report['num_preemptions']} preemptions · ") if "kv" in report else ""
+    caption = (f"{report['model']} · {report['dtype']} · {report['device']} · {report['threads']} threads · {kv}"
                f"{report['num_prompts']} ShareGPT prompts of {report['prompt_tokens_min']}–"
                f"{report['prompt_tokens_max']} tokens (mean {report['prompt_tokens_mean']:.0f}) · "
                f"{report['output_len']} output tokens each · 'leanlm ×' = leanlm output tok/s / that row's")
