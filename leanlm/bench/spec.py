@@ -1,8 +1,9 @@
-"""`leanlm bench spec`: speculative decoding against plain decoding, batch 1, in the same run.
+"""`leanlm bench spec`: speculative decoding against plain decoding, in the same run.
 
-One engine is loaded with the proposer; for each prompt it decodes greedily once with the
-proposer switched off and once with it on (interleaved, so the machine's drift hits both
-alike), on the same weights and cache. Reported: tokens/s of both, the speedup, the proposer's
+One engine is loaded with the proposer; for each prompt (with `--batch N`: each group of N
+prompts, submitted together and decoded as one continuous batch) it decodes greedily once with
+the proposer switched off and once with it on (interleaved, so the machine's drift hits both
+alike), on the same weights and cache. With --batch the tokens/s are total throughput. Reported: tokens/s of both, the speedup, the proposer's
 acceptance rate and mean accepted length (tokens per verification), and whether every output
 equals plain greedy decoding token for token. Prefix caching is off, so the second run of a
 prompt does not find the first one's blocks. CPU time of the process is reported too: unlike
@@ -64,7 +65,9 @@ def _encode(texts: list[str], tokenizer) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
-def run(llm, prompts: list[list[int]], max_tokens: int) -> dict:
+def run(llm, prompts: list[list[int]], max_tokens: int, batch: int = 1) -> dict:
+    from collections import Counter
+
     from leanlm import SamplingParams
 
     engine = llm.engine
@@ -75,27 +78,29 @@ def run(llm, prompts: list[list[int]], max_tokens: int) -> dict:
     spec.enabled = True
     llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4))
     before = copy.copy(spec.stats)
+    before_choices = Counter(spec.stats.choices)
     seconds = {False: 0.0, True: 0.0}
     cpu = {False: 0.0, True: 0.0}  # process CPU time: unaffected by the process being paused
     tokens = {False: 0, True: 0}
     identical = []
-    for ids in prompts:
+    for at in range(0, len(prompts), batch):
+        group = prompts[at:at + batch]
         outs = {}
         for on in (False, True):
             spec.enabled = on
             t0, c0 = time.perf_counter(), time.process_time()
-            out = llm.generate([ids], params)[0].outputs[0].token_ids
+            outs[on] = [o.outputs[0].token_ids for o in llm.generate(group, params)]
             seconds[on] += time.perf_counter() - t0
             cpu[on] += time.process_time() - c0
-            tokens[on] += len(out)
-            outs[on] = out
-        identical.append(outs[False] == outs[True])
+            tokens[on] += sum(len(o) for o in outs[on])
+        identical.extend(a == b for a, b in zip(outs[False], outs[True]))
     spec.enabled = True
     s = spec.stats
     drafted, accepted = s.drafted - before.drafted, s.accepted - before.accepted
     verifications, emitted = s.verifications - before.verifications, s.emitted - before.emitted
     base_tps, spec_tps = tokens[False] / seconds[False], tokens[True] / seconds[True]
-    return {"spec": s.spec, "num_prompts": len(prompts), "max_tokens": max_tokens,
+    return {"spec": s.spec, "num_prompts": len(prompts), "max_tokens": max_tokens, "batch": batch,
+            "spec_max_batch": spec.max_batch,
             "baseline_tokens": tokens[False], "spec_tokens": tokens[True],
             "baseline_s": seconds[False], "spec_s": seconds[True],
             "baseline_tps": base_tps, "spec_tps": spec_tps, "speedup": spec_tps / base_tps,
@@ -104,17 +109,32 @@ def run(llm, prompts: list[list[int]], max_tokens: int) -> dict:
             "mean_accepted_len": emitted / verifications if verifications else 0.0,
             "drafted": drafted, "accepted": accepted, "verifications": verifications,
             "target_forwards": s.target_forwards - before.target_forwards,
-            "identical_outputs": all(identical), "num_identical": sum(identical)}
+            "identical_outputs": all(identical), "num_identical": sum(identical),
+            # the drafting policy: steps off by the batch cap / by the cost model, and the
+            # choices made ('E=13:k=3' for early-exit:auto, 'k=4' or 'off')
+            "off_batch_steps": s.off_batch - before.off_batch, "off_cost_steps": s.off_cost - before.off_cost,
+            "choices": dict((Counter(s.choices) - before_choices).most_common()),
+            "acceptance_estimate": s.acceptance_estimate}
+
+
+def _top(choices: dict, n: int = 6) -> str:
+    return ", ".join(f"{c} x{v}" for c, v in list(choices.items())[:n]) or "none"
 
 
 def add_parser(benches, add_model_args) -> None:
-    p = benches.add_parser("spec", help="speculative decoding vs plain greedy decoding, batch 1, same run",
+    p = benches.add_parser("spec", help="speculative decoding vs plain greedy decoding, same run",
                            description=__doc__.split("\n\n")[0])
     add_model_args(p)  # includes --spec
     p.add_argument("--prompts", default="mt-bench", help="mt-bench (first turns), wikitext-grounded (20 passages to repeat, rewrite or "
                         "extract from, built from WikiText-2 test) or a FILE (.jsonl or lines)")
     p.add_argument("--num-prompts", type=positive_int, default=80)
     p.add_argument("--max-tokens", type=positive_int, default=128)
+    p.add_argument("--batch", type=positive_int, default=1,
+                   help="concurrent requests: prompts go in groups of N, each decoded as one batch; "
+                        "tokens/s are then total throughput")
+    p.add_argument("--spec-max-batch", type=positive_int, default=None,
+                   help="no drafting above this many decoding sequences (engine default 4); raise it "
+                        "to let the cost model alone decide")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_spec)
 
@@ -124,11 +144,12 @@ def cmd_spec(args) -> int:
 
     if not args.spec:
         raise ValueError("bench spec needs --spec SPEC (e.g. ngram:n=3:k=8, early-exit:8, draft:MODEL)")
-    llm = load_llm(args, enable_prefix_caching=False)
+    extra = {"spec_max_batch": args.spec_max_batch} if args.spec_max_batch else {}
+    llm = load_llm(args, enable_prefix_caching=False, **extra)
     prompts = load_prompts(args.prompts, llm.get_tokenizer(), args.num_prompts)
     print(f"[leanlm] bench spec {llm.engine.config.spec}: {len(prompts)} prompts, up to {args.max_tokens} "
-          f"tokens each, greedy, batch 1", file=sys.stderr)
-    r = run(llm, prompts, args.max_tokens)
+          f"tokens each, greedy, batch {args.batch}", file=sys.stderr)
+    r = run(llm, prompts, args.max_tokens, args.batch)
     print_table(f"speculative decoding: {r['spec']} ({args.prompts}, {r['num_prompts']} prompts)",
                 ["decoding", "tokens", "seconds", "tok/s", "speedup", "acceptance", "mean accepted len",
                  "identical"],
@@ -139,7 +160,10 @@ def cmd_spec(args) -> int:
                   f"{r['num_identical']}/{r['num_prompts']}"]],
                 caption=f"{r['drafted']} drafted, {r['accepted']} accepted, {r['verifications']} verifications, "
                         f"{r['target_forwards']} target forwards (speculating half); CPU-time speedup "
-                        f"{r['speedup_cpu']:.2f}x ({r['baseline_cpu_s']:.1f} vs {r['spec_cpu_s']:.1f} CPU s)")
+                        f"{r['speedup_cpu']:.2f}x ({r['baseline_cpu_s']:.1f} vs {r['spec_cpu_s']:.1f} CPU s); "
+                        f"batch {r['batch']}, drafting off in {r['off_batch_steps']} steps (batch > "
+                        f"{r['spec_max_batch']}) and {r['off_cost_steps']} (cost model); choices "
+                        f"{_top(r['choices'])}")
     if args.json:
         write_json(args.json, r)
     return 0

@@ -236,7 +236,7 @@ class LLMEngine:
             if spec:
                 emitted = self.speculator.verify(spec, spec_logits, drafts, self.sampler)
                 for seq, tokens in zip(spec, emitted):
-                    self._append_verified(seq, tokens)
+                    self._append_verified(seq, tokens, self.speculator.results.pop(seq, None))
             now = time.time()
             for seq in seqs:
                 req = self.requests[seq.request_id]
@@ -270,14 +270,14 @@ class LLMEngine:
                 at += len(draft.tokens) + 1
         return plain, plain_rows, spec, spec_logits
 
-    def _append_verified(self, seq: Sequence, tokens: list[int]) -> None:
+    def _append_verified(self, seq: Sequence, tokens: list[int], result=None) -> None:
         """Keep the accepted drafts' K/V (roll back the rest, freeing their blocks), make full
         blocks of committed tokens shareable, then emit the tokens until one finishes the sequence."""
         seq.num_cached += len(tokens) - 1
         self.cache.rollback(seq.kv, seq.num_cached)
         self.cache.commit(seq.kv, seq.token_ids + tokens[:-1], seq.num_cached)
-        for token in tokens:
-            self._append_token(seq, token, None, 0)
+        for row, token in enumerate(tokens):
+            self._append_token(seq, token, result, row)  # result: logprobs row per token, if asked
             if seq.is_finished:
                 break
 

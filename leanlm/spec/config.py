@@ -2,9 +2,14 @@
 its canonical string (the string every report prints).
 
     ngram[:n=N][:k=K]          prompt lookup: the last N tokens matched earlier in the sequence
-    early-exit:E[:k=K]         the target's first E layers + final norm + LM head
-    draft:MODEL[:k=K]          a separate model with the target's tokenizer
-    self:QUANT[:k=K]           the target itself, quantized (e.g. self:rtn:int4:g32)
+    early-exit:E[:k=K][:conf=C]      the target's first E layers + final norm + LM head
+    early-exit:auto[:k=K][:conf=C]   DEL: exit layer and draft length (<= K) chosen as it runs
+    draft:MODEL[:k=K][:conf=C] a separate model with the target's tokenizer
+    self:QUANT[:k=K][:conf=C]  the target itself, quantized (e.g. self:rtn:int4:g32)
+
+conf=C (model drafters): a sequence stops drafting after a token whose draft probability is under
+C. Default 0 (off: always k drafts) for the fixed drafters, 0.3 for early-exit:auto, whose cost
+model counts on dropping drafts that are unlikely to be accepted.
 """
 from __future__ import annotations
 
@@ -12,10 +17,14 @@ from dataclasses import dataclass
 
 KINDS = ("ngram", "early-exit", "draft", "self")
 DEFAULT_K = {"ngram": 8, "early-exit": 4, "draft": 5, "self": 4}
+AUTO_K = 6          # early-exit:auto: the most it may draft (it picks k <= this each step)
+DEFAULT_CONF = 0.0  # fixed model drafters: no confidence stop
+AUTO_CONF = 0.3
 DEFAULT_NGRAM_N = 3
 MAX_K = 32
-FORMS = ("ngram[:n=N][:k=K], early-exit:E[:k=K], draft:MODEL[:k=K], self:QUANT[:k=K] "
-         "(e.g. ngram:n=3:k=8, early-exit:8, draft:/path/to/model:k=5, self:rtn:int4:g32)")
+FORMS = ("ngram[:n=N][:k=K], early-exit:E|auto[:k=K][:conf=C], draft:MODEL[:k=K][:conf=C], "
+         "self:QUANT[:k=K][:conf=C] (e.g. ngram:n=3:k=8, early-exit:8, early-exit:auto, "
+         "draft:/path/to/model:k=5, self:rtn:int4:g32:conf=0.4)")
 
 
 def _bad(spec: str, why: str) -> ValueError:
@@ -28,13 +37,28 @@ def _int_option(spec: str, name: str, value: str, low: int, high: int) -> int:
     return int(value)
 
 
+def _conf_option(spec: str, value: str) -> float:
+    try:
+        conf = float(value)
+    except ValueError:
+        conf = -1.0
+    if not 0.0 <= conf < 1.0:
+        raise _bad(spec, f"conf={value!r} must be a probability in [0, 1)")
+    return conf
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     kind: str                    # one of KINDS
     k: int                       # most draft tokens per step
     n: int = DEFAULT_NGRAM_N     # ngram: tokens matched
-    exit_layer: int = 0          # early-exit: layers the draft runs
+    exit_layer: int = 0          # early-exit: layers the draft runs; 0: auto (DEL)
     target: str = ""             # draft: the model; self: the quant spec
+    conf: float = 0.0            # model drafters: confidence under which drafting stops
+
+    @property
+    def auto(self) -> bool:
+        return self.kind == "early-exit" and self.exit_layer == 0
 
     @classmethod
     def parse(cls, spec: "str | SpecConfig") -> "SpecConfig":
@@ -52,11 +76,15 @@ class SpecConfig:
         options: dict[str, str] = {}
         while parts and "=" in parts[-1]:
             name, _, value = parts.pop().partition("=")
-            if name in options or name not in (("k", "n") if kind == "ngram" else ("k",)):
+            if name in options or name not in (("k", "n") if kind == "ngram" else ("k", "conf")):
                 raise _bad(spec, f"option {name!r} is not allowed here or repeated")
             options[name] = value
         arg = ":".join(parts)
-        k = _int_option(spec, "k", options["k"], 1, MAX_K) if "k" in options else DEFAULT_K[kind]
+        auto = kind == "early-exit" and arg == "auto"
+        k = _int_option(spec, "k", options["k"], 1, MAX_K) if "k" in options else \
+            AUTO_K if auto else DEFAULT_K[kind]
+        conf = _conf_option(spec, options["conf"]) if "conf" in options else \
+            AUTO_CONF if auto else DEFAULT_CONF
         if kind == "ngram":
             if arg:
                 raise _bad(spec, f"ngram takes only n= and k= options, got {arg!r}")
@@ -65,9 +93,8 @@ class SpecConfig:
         if not arg:
             raise _bad(spec, f"{kind} needs an argument")
         if kind == "early-exit":
-            if arg == "auto":
-                raise _bad(spec, "early-exit:auto (DEL) is not implemented yet; give an exit layer")
-            return cls(kind, k, exit_layer=_int_option(spec, "exit layer", arg, 1, 10_000))
+            layer = 0 if auto else _int_option(spec, "exit layer", arg, 1, 10_000)
+            return cls(kind, k, exit_layer=layer, conf=conf)
         if kind == "self":
             from leanlm.quant.spec import QuantSpec
 
@@ -75,10 +102,11 @@ class SpecConfig:
                 arg = str(QuantSpec.parse(arg))
             except ValueError as e:
                 raise _bad(spec, f"bad quant spec ({e})") from None
-        return cls(kind, k, target=arg)
+        return cls(kind, k, target=arg, conf=conf)
 
     def __str__(self) -> str:
         if self.kind == "ngram":
             return f"ngram:n={self.n}:k={self.k}"
-        arg = self.exit_layer if self.kind == "early-exit" else self.target
-        return f"{self.kind}:{arg}:k={self.k}"
+        arg = ("auto" if self.auto else self.exit_layer) if self.kind == "early-exit" else self.target
+        default = AUTO_CONF if self.auto else DEFAULT_CONF
+        return f"{self.kind}:{arg}:k={self.k}" + (f":conf={self.conf:g}" if self.conf != default else "")

@@ -15,7 +15,7 @@ from leanlm.kv.cache import SeqSlice
 from leanlm.kv.codecs import PlainCodec
 from leanlm.kv.paged import PagedKVCache
 from leanlm.spec.config import MAX_K
-from leanlm.spec.early_exit import draft_tokens
+from leanlm.spec.early_exit import draft_tokens, low_confidence
 from leanlm.spec.proposer import Draft, Proposer
 
 DRAFT_CACHE_SHARE = 0.25  # of the target's KV budget, at most
@@ -31,8 +31,10 @@ class DraftModelProposer(Proposer):
     name = "draft"
 
     def __init__(self, model, model_config, target_cache: PagedKVCache, target_vocab: int, sampler,
-                 name: str = "draft"):
+                 name: str = "draft", conf: float = 0.0):
         self.model, self.sampler, self.target_vocab, self.name = model, sampler, target_vocab, name
+        self.conf = conf  # stop a sequence's drafting after a token less likely than this
+        self.draft_cost = 0.5  # its one-token step relative to the target's: set by the loader
         mc, bs = model_config, target_cache.block_size
         dtype, device = model.dtype, target_cache.device
         per_token = PlainCodec.bytes_per_token_for(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
@@ -42,6 +44,9 @@ class DraftModelProposer(Proposer):
         self.cache = PagedKVCache(codec, num_blocks, bs, device, mc.num_kv_heads, mc.sliding_window,
                                   enable_prefix_caching=False)
         self.seqs: dict[object, _DraftSeq] = {}
+
+    def step_cost(self, cost, batch: int, k: int) -> float:
+        return cost.draft_step(batch, k, self.draft_cost)
 
     def release(self, seq) -> None:
         st = self.seqs.pop(seq, None)
@@ -79,6 +84,8 @@ class DraftModelProposer(Proposer):
         feed = [s.token_ids[len(st.ids):] if ks[i] else [] for i, (s, st) in enumerate(zip(seqs, states))]
         for step in range(max(ks, default=0)):
             act = [i for i in range(n) if step < ks[i]]
+            if not act:  # every sequence stopped early (confidence)
+                break
             ids, pos, slices, last_rows = [], [], [], []
             for i in act:
                 start = len(states[i].ids)
@@ -91,11 +98,14 @@ class DraftModelProposer(Proposer):
             hidden = self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device),
                                 self.cache, ctx)
             logits = self._vocab(self.model.compute_logits(hidden[torch.tensor(last_rows, device=device)]).float())
-            for i, (tok, q) in zip(act, draft_tokens(logits, [seqs[i] for i in act], self.sampler)):
+            drafted = draft_tokens(logits, [seqs[i] for i in act], self.sampler)
+            for i, (tok, q), low in zip(act, drafted, low_confidence(logits, self.conf)):
                 tokens[i].append(tok)
                 feed[i] = [tok]
                 if q is not None:
                     qs[i].append(q)
+                if low:
+                    ks[i] = step + 1
         return [Draft(tokens[i], torch.stack(qs[i]) if qs[i] else None) for i in range(n)]
 
     def _vocab(self, logits: torch.Tensor) -> torch.Tensor:

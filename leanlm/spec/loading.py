@@ -40,8 +40,12 @@ def load_draft_proposer(spec: SpecConfig, engine) -> DraftModelProposer:
         model, mc = load_model(engine.model_path, cfg.torch_dtype, cfg.torch_device,
                                method=weight_method_factory(quant))
         share_unquantized(engine.model, model)
-    return DraftModelProposer(model, mc, engine.cache, engine.model_config.vocab_size, engine.sampler,
-                              name=spec.kind)
+    from leanlm.spec.cost import step_bytes
+
+    proposer = DraftModelProposer(model, mc, engine.cache, engine.model_config.vocab_size, engine.sampler,
+                                  name=spec.kind, conf=spec.conf)
+    proposer.draft_cost = step_bytes(model) / step_bytes(engine.model)
+    return proposer
 
 
 def share_unquantized(target, draft) -> None:

@@ -32,6 +32,17 @@ class Proposer:
     def release(self, seq) -> None:
         """The sequence finished or was aborted: drop what is kept for it."""
 
+    def step_cost(self, cost, batch: int, k: int) -> float:
+        """A step of `batch` sequences drafting k tokens each, in CostModel units (no draft cost:
+        n-gram lookup)."""
+        return cost.draft_step(batch, k, 0.0)
+
+    def before_forward(self, batch, decodes, drafts) -> None:
+        """The step's drafts are chosen and the target forward comes next (DEL hooks it)."""
+
+    def observe(self) -> None:
+        """The previous step's tokens are appended: learn from them (DEL's shadow tokens)."""
+
 
 class NgramProposer(Proposer):
     """Prompt lookup decoding: find the latest earlier occurrence of the last n tokens (falling

@@ -4,18 +4,32 @@ tokens, the proposer call, verification of the target's logits, and the counters
 A sequence drafts when it is decoding (its last token is the only one not cached) and its
 sampling does not depend on the tokens before each position in ways the verifier's shared
 distribution would miss: no repetition / presence / frequency penalties, no min_tokens block
-pending, no logprobs asked (those decode normally, in the same step). Each gets its own k, cut
-by its max_len, the KV codec's room and the token budget. With more than `max_batch` decoding
-sequences speculation is off for the step: the batch already keeps the machine busy, and
-verifying k extra tokens per sequence would cost more than it saves.
+pending (those decode normally, in the same step). Logprobs are those of the target's raw logits
+at each emitted position, as plain decoding reports them: verification computed them. Each gets its own k, cut
+by its max_len, the KV codec's room and the token budget.
+
+How much to draft (the batch-size turn-down). A verification of k + 1 tokens per sequence costs
+more as the batch grows (the forward turns compute-bound), so each step asks the cost model
+(spec/cost.py) whether drafting pays at this batch size:
+- early-exit:auto (DEL) picks its exit layer and k from its own per-layer estimates, every step;
+- the fixed proposers always draft k at batch 1 (what the spec asks for, and what bench spec
+  measures); with B >= 2 decoding sequences they draft the k <= K with the best predicted
+  throughput at their running acceptance rate (decayed, prior PRIOR_ALPHA), and nothing when no
+  k is predicted to gain MIN_GAIN;
+- above `max_batch` decoding sequences (EngineConfig.spec_max_batch) nobody drafts: a hard cap
+  under the cost model, for its errors.
+Steps without drafting for either reason are counted in the stats (off_batch, off_cost).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
+from leanlm.engine.sampling import _to_host
 from leanlm.spec.config import SpecConfig
+from leanlm.spec.cost import CostModel, head_fraction
 from leanlm.spec.proposer import Draft, Proposer
 from leanlm.spec.verify import greedy_accept, speculative_sample
 
@@ -28,6 +42,10 @@ class SpecStats:
     verifications: int = 0    # (sequence, step) pairs that verified a draft
     emitted: int = 0          # tokens those verifications produced (accepted + 1 each)
     target_forwards: int = 0  # engine steps (one target forward each)
+    off_batch: int = 0        # steps with decoding sequences but more than spec_max_batch of them
+    off_cost: int = 0         # steps the cost model predicted no gain from drafting
+    choices: Counter = field(default_factory=Counter)  # 'E=13:k=3' / 'k=4' / 'off' -> steps
+    acceptance_estimate: float = 0.0  # the running (decayed) rate the policy uses
 
     @property
     def acceptance_rate(self) -> float:
@@ -39,33 +57,73 @@ class SpecStats:
         return self.emitted / self.verifications if self.verifications else 0.0
 
 
+PRIOR_ALPHA = 0.5    # fixed proposers' acceptance before any verification
+ALPHA_DECAY = 0.98   # per drafted token: the estimate follows ~50 recent drafts
+MIN_GAIN = 1.05      # predicted speedups below this are within the cost model's error
+
+
 class Speculator:
     def __init__(self, spec: SpecConfig, proposer: Proposer, cache, max_batch: int,
-                 max_num_batched_tokens: int):
-        self.spec, self.proposer, self.cache = spec, proposer, cache
+                 max_num_batched_tokens: int, cost: CostModel):
+        self.spec, self.proposer, self.cache, self.cost = spec, proposer, cache, cost
         self.max_batch, self.token_budget = max_batch, max_num_batched_tokens
         self.stats = SpecStats(str(spec))
+        self.results: dict = {}  # sequence -> SampleResult of its emitted tokens (logprobs asked)
+        self.set_estimate(PRIOR_ALPHA)  # decayed accepted / judged drafts
         self.enabled = True
 
     def eligible(self, seq) -> bool:
-        s, p = seq.state, seq.params
-        return not s.uses_penalties and not s.min_tokens_blocked and p.logprobs is None
+        s = seq.state
+        return not s.uses_penalties and not s.min_tokens_blocked
+
+    def set_estimate(self, alpha: float, weight: float = 2.0) -> None:
+        """Start the fixed proposers' running acceptance estimate at alpha (as `weight` drafts)."""
+        self._hits, self._count = alpha * weight, weight
+        self.stats.acceptance_estimate = alpha
+
+    def step_k(self, seqs, batch: int) -> int:
+        """The most any of `seqs` drafts this step, with `batch` decoding sequences; 0: none."""
+        choose = getattr(self.proposer, "choose", None)
+        if choose is not None:  # DEL decides its exit layer and k itself
+            k = choose(seqs, batch)
+            label = f"E={self.proposer.exit_layer}:k={k}" if k else "off"
+        elif batch == 1:
+            k, label = self.spec.k, f"k={self.spec.k}"
+        else:
+            alpha = self.stats.acceptance_estimate
+            k, gain = self.cost.best_draft_length(alpha, batch, self.spec.k,
+                                                  lambda b, j: self.proposer.step_cost(self.cost, b, j))
+            k = k if gain >= MIN_GAIN else 0
+            label = f"k={k}" if k else "off"
+        self.stats.choices[label] += 1
+        if not k:
+            self.stats.off_cost += 1
+        return k
 
     def plan(self, batch) -> dict:
         """Drafts for this step's decoding sequences: {sequence: Draft} (non-empty drafts only)."""
+        self.proposer.observe()
         if not self.enabled:  # switched off (bench spec's baseline): a plain engine
             return {}
         self.stats.target_forwards += 1
         decodes = [seq for seq, n in batch if n == 1 and seq.num_cached == len(seq.token_ids) - 1]
-        if not decodes or len(decodes) > self.max_batch:
+        drafts = self._drafts(batch, decodes) if decodes else {}
+        self.proposer.before_forward(batch, decodes, drafts)
+        return drafts
+
+    def _drafts(self, batch, decodes) -> dict:
+        if len(decodes) > self.max_batch:
+            self.stats.off_batch += 1
+            return {}
+        eligible = [seq for seq in decodes if self.eligible(seq)]
+        k_step = self.step_k(eligible, len(decodes)) if eligible else 0
+        if not k_step:
             return {}
         budget = self.token_budget - sum(n for _, n in batch)
         seqs, ks = [], []
-        for seq in decodes:
-            if not self.eligible(seq):
-                continue
+        for seq in eligible:
             L = len(seq.token_ids)
-            k = min(self.spec.k, seq.max_len - L - 1, self.cache.draft_room(L), budget)
+            k = min(k_step, seq.max_len - L - 1, self.cache.draft_room(L), budget)
             if k <= 0:
                 continue
             if self.proposer.uses_target_cache and not self.cache.reserve(seq.kv, L + k):
@@ -105,12 +163,23 @@ class Speculator:
                 out[i] = speculative_sample(probs[at:at + k1], d.tokens, d.q,
                                             seqs[i].state.generator(probs.device))
                 at += k1
+        for i, s in enumerate(seqs):
+            if s.params.logprobs is not None:  # the target's raw logprobs at the emitted positions
+                emitted = torch.tensor(out[i], device=logits[i].device)
+                self.results[s] = _to_host(logits[i][:len(out[i])].float(), emitted, [s.state] * len(out[i]))
         st = self.stats
         for i, s in enumerate(seqs):
-            st.drafted += len(drafts[s].tokens)
-            st.accepted += len(out[i]) - 1
+            k, a = len(drafts[s].tokens), len(out[i]) - 1
+            st.drafted += k
+            st.accepted += a
             st.verifications += 1
             st.emitted += len(out[i])
+            # per-token acceptance: a drafts kept, then one rejected (if any); the drafts after a
+            # rejection were never judged, so they do not count
+            seen = a + (a < k)
+            decay = ALPHA_DECAY ** seen
+            self._hits, self._count = decay * self._hits + a, decay * self._count + seen
+        st.acceptance_estimate = self._hits / self._count if self._count else PRIOR_ALPHA
         return out
 
     def release(self, seq) -> None:
@@ -122,14 +191,19 @@ def build_speculator(spec: SpecConfig, engine) -> Speculator:
     from leanlm.spec.proposer import NgramProposer
 
     cfg = engine.config
+    cost = CostModel(len(engine.model.layers), head_fraction(engine.model))
     if spec.kind == "ngram":
         proposer = NgramProposer(spec.n)
+    elif spec.auto:
+        from leanlm.spec.dynamic_exit import DynamicExitProposer
+
+        proposer = DynamicExitProposer(engine.model, engine.cache, engine.sampler, spec.k, spec.conf)
     elif spec.kind == "early-exit":
         from leanlm.spec.early_exit import EarlyExitProposer
 
-        proposer = EarlyExitProposer(engine.model, engine.cache, spec.exit_layer, engine.sampler)
+        proposer = EarlyExitProposer(engine.model, engine.cache, spec.exit_layer, engine.sampler, spec.conf)
     else:
         from leanlm.spec.loading import load_draft_proposer
 
         proposer = load_draft_proposer(spec, engine)
-    return Speculator(spec, proposer, engine.cache, cfg.spec_max_batch, cfg.max_num_batched_tokens)
+    return Speculator(spec, proposer, engine.cache, cfg.spec_max_batch, cfg.max_num_batched_tokens, cost)

@@ -40,3 +40,21 @@ def test_metrics_export_the_spec_counters(tiny_model_dir):
     assert families["leanlm:spec_decode_draft_acceptance_rate"].labels == {"model_name": "tiny",
                                                                             "spec": "early-exit:2:k=3"}
     assert families["leanlm:spec_decode_mean_accepted_length"].value == s.mean_accepted_len >= 1
+
+
+def test_bench_spec_batch_reports_total_throughput_and_the_policy(tiny_model_dir, tmp_path):
+    """--batch 2: prompts decoded two at a time with and without the proposer; the JSON says so
+    and carries the drafting policy's counters (early-exit:auto's choices)."""
+    path = str(tiny_model_dir("qwen3"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["hello world, the quick brown fox", "the lazy dog jumps over the fox",
+                                  "a b c d e f g a b c d", "one two three one two three"]))
+    out = tmp_path / "spec.json"
+    assert main(["bench", "spec", "--model", path, "--spec", "early-exit:auto", "--prompts", str(prompts),
+                 "--max-tokens", "10", "--batch", "2", "--spec-max-batch", "8", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["batch"] == 2 and r["spec_max_batch"] == 8 and r["num_prompts"] == 4
+    assert r["identical_outputs"] is True and r["baseline_tokens"] == r["spec_tokens"] == 40
+    assert r["choices"].get("off", 0) == r["off_cost_steps"] and r["off_batch_steps"] == 0
+    # every speculating step chose (a layer and k) or stayed off, one choice per step
+    assert 0 < sum(r["choices"].values()) <= r["target_forwards"]

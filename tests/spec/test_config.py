@@ -17,6 +17,11 @@ from leanlm.spec.config import SpecConfig
     ("draft:/models/small:k=5", "draft:/models/small:k=5"),
     ("self:rtn:int4:g32", "self:rtn:int4:g32:k=4"),
     ("self:rtn:int8:k=3", "self:rtn:int8:k=3"),
+    ("early-exit:auto", "early-exit:auto:k=6"),                  # conf 0.3 is auto's default
+    ("early-exit:auto:conf=0:k=4", "early-exit:auto:k=4:conf=0"),
+    ("early-exit:8:conf=0.4", "early-exit:8:k=4:conf=0.4"),
+    ("self:rtn:int8:conf=0.5", "self:rtn:int8:k=4:conf=0.5"),
+    ("draft:/m:conf=0.25:k=2", "draft:/m:k=2:conf=0.25"),
 ])
 def test_parse_round_trips(text, canonical):
     spec = SpecConfig.parse(text)
@@ -32,7 +37,10 @@ def test_parse_round_trips(text, canonical):
     ("ngram:3", "ngram takes only"),
     ("early-exit", "needs an argument"),
     ("early-exit:x", "exit layer='x'"),
-    ("early-exit:auto", "not implemented"),
+    ("early-exit:auto:e=3", "option 'e'"),
+    ("early-exit:8:conf=1.5", "conf='1.5'"),
+    ("early-exit:8:conf=x", "conf='x'"),
+    ("ngram:conf=0.3", "option 'conf'"),
     ("draft:", "needs an argument"),
     ("draft:m:n=2", "option 'n'"),
     ("self:rtn:int99", "bad quant spec"),
