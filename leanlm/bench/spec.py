@@ -114,7 +114,8 @@ def run(llm, prompts: list[list[int]], max_tokens: int, batch: int = 1) -> dict:
             # choices made ('E=13:k=3' for early-exit:auto, 'k=4' or 'off')
             "off_batch_steps": s.off_batch - before.off_batch, "off_cost_steps": s.off_cost - before.off_cost,
             "choices": dict((Counter(s.choices) - before_choices).most_common()),
-            "acceptance_estimate": s.acceptance_estimate}
+            "acceptance_estimate": s.acceptance_estimate,
+            "layer_acceptance": {str(e): a for e, a in s.layer_acceptance.items()}}
 
 
 def _top(choices: dict, n: int = 6) -> str:

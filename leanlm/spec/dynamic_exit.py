@@ -104,6 +104,10 @@ class DynamicExitProposer(EarlyExitProposer):
         return [e for e in self.candidates if e < self.exit_layer]
 
     # -- the policy ------------------------------------------------------------------------------
+    def layer_acceptance(self) -> dict[int, float]:
+        """Each candidate exit layer's global acceptance estimate (for the stats)."""
+        return {e: round(self.estimator.global_alpha(j), 4) for j, e in enumerate(self.candidates)}
+
     def step_cost(self, cost, batch: int, k: int) -> float:
         return cost.early_exit_step(batch, self.exit_layer or self.candidates[0], k)
 

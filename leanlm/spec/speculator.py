@@ -46,6 +46,7 @@ class SpecStats:
     off_cost: int = 0         # steps the cost model predicted no gain from drafting
     choices: Counter = field(default_factory=Counter)  # 'E=13:k=3' / 'k=4' / 'off' -> steps
     acceptance_estimate: float = 0.0  # the running (decayed) rate the policy uses
+    layer_acceptance: dict = field(default_factory=dict)  # early-exit:auto: exit layer -> global estimate
 
     @property
     def acceptance_rate(self) -> float:
@@ -87,6 +88,7 @@ class Speculator:
         if choose is not None:  # DEL decides its exit layer and k itself
             k = choose(seqs, batch)
             label = f"E={self.proposer.exit_layer}:k={k}" if k else "off"
+            self.stats.layer_acceptance = self.proposer.layer_acceptance()
         elif batch == 1:
             k, label = self.spec.k, f"k={self.spec.k}"
         else:

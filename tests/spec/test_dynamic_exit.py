@@ -108,6 +108,7 @@ def test_finds_the_agreeing_exit_layer_and_stays_exact(base, tmp_path):
     assert s.drafted > 0 and s.accepted / s.drafted > 0.8
     used = {c for c in s.choices if c.startswith("E=")}
     assert used and all(c.startswith("E=2:") for c in used), s.choices
+    assert s.layer_acceptance[2] > 0.8 and set(s.layer_acceptance) == {1, 2}
     assert llm.engine.stats().kv_blocks_used == 0
 
 
