@@ -26,6 +26,19 @@ residual (kept in a pool of `max_partial` rows, one per running sequence) and th
 quantized when its last token is written, so full - and hence prefix-cached - blocks are always
 quantized. Values are quantized as they arrive; the residual overlay hides them until their block
 is full. INT4 codes are packed two per byte, INT2 four per byte.
+
+Window and sinks (`rR` with R > G, `sinkS`; R, S multiples of G). Full blocks are still quantized
+when they fill, but a block stays in full precision too while fewer than R tokens of its sequence
+start at or after it (the partial block and the last R/G - 1 full blocks), and the first S/G
+blocks of every sequence (the attention sink) stay so for good: `full_precision_blocks`. Always,
+block b is read from rk/rv[layer][res_row[b]] iff res_row[b] >= 0, else from its codes. Which
+blocks are one sequence's is not in the slot mapping, so the cache must call
+`plan_step(seqs, slot_mapping)` every step (the slots-only plan raises for these specs). Rows:
+max_num_seqs * (R + S) / G, fixed bytes. Prefix caching: a block's full-precision copy is per
+block, so all readers of a shared block see one state; a window's state depends on each
+reader's length and a sink's copy would have to outlive its writer for cached blocks, so a
+sequence whose first step reuses cached blocks it should read in full precision is refused
+(RuntimeError): these specs need enable_prefix_caching=False.
 """
 from __future__ import annotations
 
@@ -160,6 +173,17 @@ def asym_quantize(x: torch.Tensor, dim: int, bits: int):
     return q, s.half(), z.half()
 
 
+def full_precision_blocks(length: int, block_size: int, residual: int, sink: int) -> list[int]:
+    """Indices (in the sequence) of the blocks a sequence of `length` tokens reads in full
+    precision: the first sink / G blocks, and every block fewer than `residual` tokens of the
+    sequence start at or after (its window: the partial block plus the last R/G - 1 full blocks
+    when the length is not a multiple of G, the last R/G - 1 full blocks when it is). R = G: only
+    the partial block, as without a window."""
+    nblk = -(-length // block_size)
+    first_recent = max(0, (length - residual) // block_size + 1)
+    return sorted(set(range(min(sink // block_size, nblk))) | set(range(first_recent, nblk)))
+
+
 class _WritePlan:
     """Where one step's new tokens go, worked out once per step (every layer writes the same
     slots): tokens of blocks left partial go to residual rows; blocks that become full are
@@ -187,8 +211,16 @@ class KiviCodec(KVCodec):
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, bits: int, max_partial: int,
                  vbits: int | None = None, vgroup: int | None = None, rotate: bool = False,
-                 ktoken: bool = False, knorm: bool = False):
+                 ktoken: bool = False, knorm: bool = False, residual: int | None = None,
+                 sink: int = 0):
         vbits = vbits or bits
+        residual = residual or block_size
+        if residual < block_size or residual % block_size:
+            raise ValueError(f"kivi window r{residual} must be a multiple of the block size "
+                             f"{block_size} (r{block_size}, r{2 * block_size}, ...)")
+        if sink < 0 or sink % block_size:
+            raise ValueError(f"kivi sink{sink} must be a multiple of the block size {block_size} "
+                             f"(sink0, sink{block_size}, ...)")
         if knorm and ktoken:
             raise ValueError("kivi knorm (per-token key norms, per-channel directions) and ktok exclude each other")
         if head_dim % 8:
@@ -197,6 +229,7 @@ class KiviCodec(KVCodec):
             raise ValueError(f"kivi value group c{vgroup} must divide head_dim {head_dim}")
         self.vgroup = vgroup or (V_GROUP if head_dim % V_GROUP == 0 else head_dim)
         self.spec = (f"kivi:{bits}:g{block_size}" + (f":v{vbits}" if vbits != bits else "")
+                     + (f":r{residual}" if residual != block_size else "") + (f":sink{sink}" if sink else "")
                      + (f":c{self.vgroup}" if vgroup else "") + (":rotate" if rotate else "")
                      + (":ktok" if ktoken else "") + (":knorm" if knorm else ""))
         self.bits, self.vbits, self.ktoken, self.knorm = bits, vbits, ktoken, knorm
@@ -218,12 +251,20 @@ class KiviCodec(KVCodec):
         # knorm: each token's key norm per head (fp16); the per-channel codes hold the unit direction
         self.kn = zeros(num_blocks, bs, H, 1, dt=torch.float16) if knorm else []
         self.vs, self.vz = zeros(num_blocks, bs, H, ng, 1, dt=torch.float16), zeros(num_blocks, bs, H, ng, 1, dt=torch.float16)
-        # the residual: full-precision K/V of blocks still filling, one row per running sequence
-        self.rk, self.rv = zeros(max_partial, bs, H, D, dt=dtype), zeros(max_partial, bs, H, D, dt=dtype)
+        # the residual: full-precision K/V of blocks still filling, one row per running sequence;
+        # with a window (R > G) or sinks, also of each sequence's last R/G - 1 full blocks and
+        # first S/G blocks: at most R/G + S/G rows per sequence (rows freed in a step are reused
+        # in the same step: write() reads a filling block's old row before writing new tokens)
+        self.residual, self.sink = residual, sink
+        self.seq_aware = residual > block_size or sink > 0
+        rows = max_partial * (residual + sink) // block_size
+        self.rk, self.rv = zeros(rows, bs, H, D, dt=dtype), zeros(rows, bs, H, D, dt=dtype)
         self.res_row = torch.full((num_blocks,), -1, dtype=torch.long, device=device)  # block -> row
         self._rows: dict[int, int] = {}
-        self._free_rows = list(range(max_partial - 1, -1, -1))
+        self._free_rows = list(range(rows - 1, -1, -1))
         self._plan: _WritePlan | None = None
+        self._held: dict[int, set[int]] = {}  # seq_aware: sequence (id of its block list) -> blocks with rows
+        self._owner: dict[int, int] = {}      # block -> the sequence holding its row
 
     def tensors(self):
         # res_row (8 bytes per block) is bookkeeping, like the block tables, not K/V storage
@@ -243,15 +284,81 @@ class KiviCodec(KVCodec):
 
     # -- bookkeeping of partial blocks (once per step) ---------------------------------------------
     def release(self, blocks: list[int]) -> None:
+        self._held.pop(id(blocks), None)  # a sequence's whole table: it is done (or preempted)
         for b in blocks:
             row = self._rows.pop(b, None)
             if row is not None:
                 self._free_rows.append(row)
                 self.res_row[b] = -1
+            held = self._held.get(self._owner.pop(b, None))
+            if held is not None:
+                held.discard(b)
+
+    def plan_step(self, seqs, slots: torch.Tensor) -> None:
+        """The step's write plan from its sequences (each with .kv.blocks, .start, .n, tokens laid
+        out in `seqs` order as in `slots`): a window or sinks need to know which blocks are one
+        sequence's and where they sit in it, which the slots alone do not tell. The paged cache
+        calls this in prepare(); without a window or sinks the slots suffice and it is a no-op."""
+        if not self.seq_aware:
+            return
+        bs, rows = self.block_size, self._rows
+        plan = _WritePlan(slots, self.device)
+        t0 = 0
+        for s in seqs:
+            blocks, start, n = s.kv.blocks, s.start, s.n
+            end, sid = start + n, id(blocks)
+            held = self._held.get(sid)
+            if held is None:
+                held = self._held[sid] = set()
+                borrowed = [j for j in full_precision_blocks(end, bs, self.residual, self.sink) if j < start // bs]
+                if borrowed:  # its first tokens come from the prefix cache: see the module docstring
+                    raise RuntimeError(
+                        f"kivi {self.spec}: a sequence starting at token {start} reuses cached blocks "
+                        f"{[blocks[j] for j in borrowed]} that it reads in full precision (sink or window), "
+                        "but a block's full-precision copy lives only while the sequence that wrote it "
+                        "holds it; use enable_prefix_caching=False with kivi sinkS / rR > G")
+            want = {blocks[j] for j in full_precision_blocks(end, bs, self.residual, self.sink)}
+            old_rows = {b: rows[b] for b in held}
+            for b in held - want:  # out of the window: read from its codes from now on
+                self._free_rows.append(rows.pop(b))
+                self.res_row[b] = -1
+                self._owner.pop(b, None)
+            held &= want
+            for j in range(start // bs, -(-end // bs)):
+                b, lo, hi = blocks[j], max(start, j * bs), min(end, (j + 1) * bs)  # tokens lo..hi-1
+                off, new = lo - j * bs, range(t0 + lo - start, t0 + hi - start)
+                if hi == (j + 1) * bs:  # the block fills: quantize its keys (earlier tokens from its row)
+                    if off:
+                        row = old_rows.get(b)
+                        if row is None:
+                            raise RuntimeError(f"kivi: block {b} written from offset {off} but its first "
+                                               "tokens are not in the residual (blocks must fill in order)")
+                        plan.order += [(0, len(plan.old_idx) + t) for t in range(off)]
+                        plan.old_idx += [row * bs + t for t in range(off)]
+                    plan.order += [(1, len(plan.new_idx) + t) for t in range(len(new))]
+                    plan.new_idx += new
+                    plan.full_blocks.append(b)
+                if b in want:
+                    if b not in rows:
+                        if not self._free_rows:
+                            raise RuntimeError("kivi: no free residual row (more sequences than max_num_seqs)")
+                        rows[b] = self._free_rows.pop()
+                        self.res_row[b] = rows[b]
+                        held.add(b)
+                        self._owner[b] = sid
+                    plan.res_dst += range(rows[b] * bs + off, rows[b] * bs + hi - j * bs)
+                    plan.res_src += new
+            t0 += n
+        # blocks that filled and left the window in this step gave their rows back above, before
+        # their old tokens are read: safe, since write() reads old rows before writing new tokens
+        self._plan = plan.finish(self.device)
 
     def _plan_for(self, slots: torch.Tensor) -> _WritePlan:
         if self._plan is not None and self._plan.slots is slots:
             return self._plan
+        if self.seq_aware:
+            raise RuntimeError(f"kivi {self.spec}: a window (rR > G) or sinks need the cache to call "
+                               "codec.plan_step(seqs, slot_mapping) in each step's prepare()")
         bs, s = self.block_size, slots.tolist()
         plan, freed = _WritePlan(slots, self.device), []
         i = 0

@@ -2,12 +2,15 @@
 
     fp16 | bf16 | fp32                 plain storage in that dtype (read back in the compute dtype)
     fp8:e4m3 | fp8:e5m2                FP8 with a power-of-two scale per token and KV head
-    kivi:BITS[:gG][:rR][:vVBITS][:cC][:rotate][:ktok|:knorm]
+    kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:rotate][:ktok|:knorm]
                                        KIVI: BITS 8, 4, 3 or 2 (or int8 / int4 / int3 / int2); keys per
                                        channel over groups of G tokens (G = the cache block size),
                                        values per token over groups of C channels (default 32) with
-                                       VBITS bits (default BITS); the not-yet-full block is the
-                                       full-precision residual, so R, when given, must equal G;
+                                       VBITS bits (default BITS); blocks fewer than R tokens
+                                       (default G: the block being filled) from the end and the
+                                       first S tokens (sinkS, default 0) are also read in full
+                                       precision (R, S multiples of G; R > G or S > 0 need
+                                       prefix caching off);
                                        `rotate`: a per-head Walsh-Hadamard rotation of q, k, v before
                                        the cache (undone on the attention output), q.k unchanged;
                                        `ktok`: keys per token over C channels too, as values;
@@ -28,8 +31,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:vVBITS][:cC][:rotate][:ktok|:knorm] "
-           "(BITS, VBITS 8, 4, 3 or 2; R = G), "
+ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:rotate][:ktok|:knorm] "
+           "(BITS, VBITS 8, 4, 3 or 2; R, S multiples of G, R >= G), "
            "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16), xquant:BITS[:gG][:cl] (BITS 8, 4, 3 or 2), "
            "minicache[:START][:T][:GAMMA][+INNER] (T, GAMMA in [0, 1]; INNER one of the above but xquant)")
 PLAIN = ("fp16", "bf16", "fp32")
@@ -52,6 +55,8 @@ class KVSpec:
     rotate: bool = False         # kivi: Hadamard-rotate q, k, v per head before the cache
     ktoken: bool = False         # kivi: keys per token over channel groups too (QuaRot-style, with rotate)
     knorm: bool = False          # kivi: per-token key norms (fp16), per-channel quantized directions
+    residual: int = 0            # kivi: full-precision window R in tokens (0: R = G, the partial block)
+    sink: int = 0                # kivi: first S tokens of each sequence kept in full precision
     cl: bool = False             # xquant: cross-layer deltas of the residual stream
     start: int | None = None     # minicache: first merged layer (None: the middle)
     t: float = 0.6               # minicache: SLERP factor
@@ -103,17 +108,30 @@ class KVSpec:
             return cls("fp8", dtype=opts[0])
         if head == "kivi" and opts:
             bits = _bits(opts[0], "kivi")
-            o = _options(opts[1:], {"g": "group", "r": "residual", "v": "value bits", "c": "value group"},
+            sinks = [x for x in opts[1:] if x.startswith("sink")]
+            if len(sinks) > 1 or sinks and not re.fullmatch(r"sink\d+", sinks[0]):
+                raise ValueError(f"kivi option {sinks[-1]!r}: expected sinkS once (S tokens, a multiple "
+                                 "of the group G, kept in full precision at the start of each sequence)")
+            sink = int(sinks[0][4:]) if sinks else 0
+            o = _options([x for x in opts[1:] if not x.startswith("sink")],
+                         {"g": "group", "r": "residual", "v": "value bits", "c": "value group"},
                          ("rotate", "ktok", "knorm"))
             group, residual, vbits = o.get("g"), o.get("r"), o.get("v", 0)
             if vbits and vbits not in KIVI_BITS:
                 raise ValueError(f"kivi value bits v{vbits} must be v8, v4, v3 or v2")
-            if residual is not None and residual != (group or residual):
-                raise ValueError(f"r{residual} != g{group}: in the paged cache the full-precision "
-                                 f"residual is the not-yet-full block of G tokens, so R must equal G")
-            return cls("kivi", bits=bits, group=group or residual, vbits=0 if vbits == bits else vbits,
+            if residual is not None and group and residual < group:
+                raise ValueError(f"kivi r{residual} must be >= the group g{group} (the block being "
+                                 "filled is always in full precision)")
+            for name, n in (("r", residual), ("sink", sink)):
+                if n and group and n % group:
+                    raise ValueError(f"kivi {name}{n} must be a multiple of the group g{group} "
+                                     f"(full blocks are kept in full precision)")
+            if group is None and residual is not None:  # kivi:4:r32 alone: R = G = 32, as before
+                group = residual
+            return cls("kivi", bits=bits, group=group, vbits=0 if vbits == bits else vbits,
                        vgroup=o.get("c", 0), rotate="rotate" in o, ktoken="ktok" in o,
-                       knorm="knorm" in o)
+                       knorm="knorm" in o, residual=0 if residual == group else (residual or 0),
+                       sink=sink)
         if head == "xquant" and opts:
             o = _options(opts[1:], {"g": "group"}, ("cl",))
             return cls("xquant", bits=_bits(opts[0], "xquant"), block=o.get("g", XQUANT_DEFAULT_GROUP), cl="cl" in o)
@@ -134,6 +152,7 @@ class KVSpec:
             return f"fp8:{self.dtype}"
         if self.kind == "kivi":
             return (f"kivi:{self.bits}" + (f":g{self.group}" if self.group else "")
+                    + (f":r{self.residual}" if self.residual else "") + (f":sink{self.sink}" if self.sink else "")
                     + (f":v{self.vbits}" if self.vbits else "") + (f":c{self.vgroup}" if self.vgroup else "")
                     + (":rotate" if self.rotate else "") + (":ktok" if self.ktoken else "")
                     + (":knorm" if self.knorm else ""))
@@ -197,7 +216,7 @@ def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_s
         return KiviCodec(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
                          bits=spec.bits, max_partial=max_seqs, vbits=spec.vbits or spec.bits,
                          vgroup=spec.vgroup or None, rotate=spec.rotate, ktoken=spec.ktoken,
-                         knorm=spec.knorm)
+                         knorm=spec.knorm, residual=spec.residual or None, sink=spec.sink)
     if spec.kind == "bfp":
         from leanlm.kv.bfp import BfpCodec
 

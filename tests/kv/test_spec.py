@@ -22,7 +22,7 @@ def test_round_trip(text, canonical):
 
 @pytest.mark.parametrize("bad", ["fp4", "fp8", "fp8:e3m4", "kivi", "kivi:5", "kivi:int16", "kivi:4:v5", "kivi:4:c0", "kivi:4:rotate:rotate",
                                  "xquant", "xquant:5", "xquant:4:g0", "xquant:4:cl:cl", "xquant:4:r16", "kivi:4:g0",
-                                 "kivi:4:g16:r128", "kivi:4:x", "kivi:4:g16:g16", "bfp:1", "bfp:17",
+                                 "kivi:4:g16:r24", "kivi:4:x", "kivi:4:g16:g16", "bfp:1", "bfp:17",
                                  "bfp:8:reorder:reorder", "bfp:8:c4", "fp16:g16", ""])
 def test_bad_specs_name_the_value_and_the_allowed_forms(bad):
     with pytest.raises(ValueError) as e:
