@@ -183,6 +183,17 @@ class SamplingState:
         if self.uses_penalties:
             self._queued.append(token_id)
 
+    @property
+    def needs_positions(self) -> bool:
+        """Does the processing of a token depend on the output tokens before it (penalties, a
+        pending min_tokens block)? Then each speculative position needs its own state (`ahead`)."""
+        return self.uses_penalties or self.min_tokens_blocked
+
+    def ahead(self, tokens: Sequence[int]) -> "SamplingState | LookaheadState":
+        """This state as it will be once `tokens` more are output, without changing it: what the
+        sampler processes a speculative position with (itself when nothing depends on them)."""
+        return LookaheadState(self, tokens) if tokens and self.needs_positions else self
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The generator for this row; a seeded one is created on first use on `device`."""
         if self._seed is not None and self._generator is None:
@@ -192,6 +203,12 @@ class SamplingState:
 
     def penalty_tensors(self, vocab_size: int, device: torch.device):
         """(seen [V] bool or None, counts [V] float or None), up to date with `append`."""
+        # normal tensors even when first asked inside inference mode (a speculative drafter's
+        # pass): the sampler updates them in place outside it
+        with torch.inference_mode(False):
+            return self._penalty_tensors(vocab_size, device)
+
+    def _penalty_tensors(self, vocab_size: int, device: torch.device):
         if self._seen is None and self._counts is None:
             if self._uses_repetition:
                 self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -208,6 +225,50 @@ class SamplingState:
                 self._counts.index_add_(0, ids, torch.ones(len(self._queued), device=device))
             self._queued.clear()
         return self._seen, self._counts
+
+
+class LookaheadState:
+    """Read-only view of a SamplingState after `tokens` more outputs (drafts not yet accepted):
+    the penalties count them and the min_tokens block counts them, exactly as the state will
+    once they are appended, so draft position j is processed as plain decoding would process
+    it. Randomness stays the base state's generator."""
+
+    def __init__(self, base: SamplingState, tokens: Sequence[int]) -> None:
+        self.base, self.tokens = base, list(tokens)
+        self.params, self.eos_token_ids = base.params, base.eos_token_ids
+        self.num_output_tokens = base.num_output_tokens + len(self.tokens)
+        self._tensors = None
+
+    # the same rules as the base state's, read from this view's params and output count
+    stop_token_ids = SamplingState.stop_token_ids
+    min_tokens_blocked = SamplingState.min_tokens_blocked
+    needs_positions = SamplingState.needs_positions
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.base.uses_penalties
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        return self.base.generator(device)
+
+    def penalty_tensors(self, vocab_size: int, device: torch.device):
+        """The base state's (seen, counts) with `tokens` added, on copies."""
+        if self._tensors is None:
+            seen, counts = self.base.penalty_tensors(vocab_size, device)
+            ids = torch.tensor(self.tokens, dtype=torch.long).to(device)
+            if seen is not None:
+                seen = seen.clone()
+                seen[ids] = True
+            if counts is not None:
+                counts = counts.clone().index_add_(0, ids, torch.ones(len(self.tokens), device=device))
+            self._tensors = seen, counts
+        return self._tensors
+
+
+def position_states(state: SamplingState, draft: Sequence[int]) -> list:
+    """The states of the k + 1 positions a draft of k tokens is verified at: position j follows
+    the state's outputs and draft[:j]."""
+    return [state.ahead(draft[:j]) for j in range(len(draft) + 1)]
 
 
 # --------------------------------------------------------------------------- sampler
@@ -240,6 +301,11 @@ class Sampler:
             probs = self._filter(_take_rows(processed, rand), rand_states)
             _put_rows(token_ids, rand, _exponential_race(probs, rand_states))
         return _to_host(raw, token_ids, states)
+
+    def processed(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """Logits [B, V] after the penalties and the min_tokens block (float32; the input itself
+        when no row has either): greedy picks the argmax of these."""
+        return self._penalise(self._check(logits, states), states)
 
     def filtered_probs(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         """The distribution `sample` draws from, [B, V] float32: one-hot at the argmax for

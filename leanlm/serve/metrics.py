@@ -65,21 +65,49 @@ class _EngineCollector:
 
 
 def _spec_metrics(spec, model_name: str):
+    """SpecStats as metric families, labelled with the proposer's spec. The proposer-specific
+    families (exit layer, per-layer acceptance) are early-exit:auto's and have no samples under
+    the other proposers."""
     labels, values = ["model_name", "spec"], [model_name, spec.spec]
-    for kind, name, doc, value in (
-            (CounterMetricFamily, "spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec.drafted),
-            (CounterMetricFamily, "spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.accepted),
-            (CounterMetricFamily, "spec_decode_num_verifications", "Sequence steps that verified a draft.",
-             spec.verifications),
-            (CounterMetricFamily, "spec_decode_num_target_forwards", "Target model forward passes (engine "
-             "steps).", spec.target_forwards),
-            (GaugeMetricFamily, "spec_decode_draft_acceptance_rate", "Accepted / drafted tokens (cumulative).",
-             spec.acceptance_rate),
-            (GaugeMetricFamily, "spec_decode_mean_accepted_length", "Tokens emitted per verification "
-             "(accepted drafts + 1, cumulative).", spec.mean_accepted_len)):
-        m = kind(f"leanlm:{name}", doc, labels=labels)
-        m.add_metric(values, value)
-        yield m
+
+    def family(kind, name, doc, value=None, by=None, samples=()):
+        """One family; `by` names a further label and `samples` its (label value, value) pairs."""
+        m = kind(f"leanlm:{name}", doc, labels=labels + ([by] if by else []))
+        if by is None:
+            m.add_metric(values, value)
+        for key, v in samples:
+            m.add_metric(values + [str(key)], v)
+        return m
+
+    C, G = CounterMetricFamily, GaugeMetricFamily
+    yield family(C, "spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec.drafted)
+    yield family(C, "spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.accepted)
+    yield family(C, "spec_decode_num_verifications", "Sequence steps that verified a draft.", spec.verifications)
+    yield family(C, "spec_decode_num_target_forwards", "Target model forward passes (engine steps).",
+                 spec.target_forwards)
+    yield family(G, "spec_decode_draft_acceptance_rate", "Accepted / drafted tokens (cumulative).",
+                 spec.acceptance_rate)
+    yield family(G, "spec_decode_mean_accepted_length", "Tokens emitted per verification (accepted drafts "
+                 "+ 1, cumulative).", spec.mean_accepted_len)
+    yield family(G, "spec_decode_acceptance_estimate", "Running acceptance rate (decayed over ~50 recent "
+                 "drafts) with which the fixed proposers choose their draft length.", spec.acceptance_estimate)
+    yield family(C, "spec_decode_num_drafting_off_steps", "Steps with decoding sequences in which nobody "
+                 "drafted: reason=batch_cap (more decoding sequences than spec_max_batch), reason=cost_model "
+                 "(no draft length predicted to pay).", by="reason",
+                 samples=[("batch_cap", spec.off_batch), ("cost_model", spec.off_cost)])
+    yield family(C, "spec_decode_num_steps_by_draft_length", "Steps by the draft length the policy chose "
+                 "(the most any sequence drafts; 0: drafting off by the cost model).", by="draft_length",
+                 samples=sorted(spec.draft_lengths.items()))
+    yield family(G, "spec_decode_draft_length", "The draft length chosen at the latest step (0: off).",
+                 spec.draft_length)
+    yield family(C, "spec_decode_num_steps_by_exit_layer", "early-exit:auto: steps by the exit layer chosen "
+                 "(layers the draft runs; 0: drafting off).", by="exit_layer", samples=sorted(spec.exit_layers.items()))
+    if spec.exit_layers:
+        yield family(G, "spec_decode_exit_layer", "early-exit:auto: the exit layer chosen at the latest step "
+                     "(0: off).", spec.exit_layer)
+    yield family(G, "spec_decode_layer_acceptance_estimate", "early-exit:auto: each candidate exit layer's "
+                 "acceptance estimate from shadow tokens (decayed over ~100 recent positions).", by="layer",
+                 samples=sorted(spec.layer_acceptance.items()))
 
 
 class ServerMetrics:

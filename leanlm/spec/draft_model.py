@@ -98,7 +98,7 @@ class DraftModelProposer(Proposer):
             hidden = self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device),
                                 self.cache, ctx)
             logits = self._vocab(self.model.compute_logits(hidden[torch.tensor(last_rows, device=device)]).float())
-            drafted = draft_tokens(logits, [seqs[i] for i in act], self.sampler)
+            drafted = draft_tokens(logits, [seqs[i] for i in act], self.sampler, [tokens[i] for i in act])
             for i, (tok, q), low in zip(act, drafted, low_confidence(logits, self.conf)):
                 tokens[i].append(tok)
                 feed[i] = [tok]

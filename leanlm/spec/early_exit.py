@@ -69,7 +69,8 @@ class EarlyExitProposer(Proposer):
             if not head:
                 continue
             logits = model.compute_logits(model.norm(x[head])).float()
-            drafted = draft_tokens(logits, [seqs[act[j]] for j in head], self.sampler)
+            drafted = draft_tokens(logits, [seqs[act[j]] for j in head], self.sampler,
+                                   [tokens[act[j]] for j in head])
             low = low_confidence(logits, self.conf)
             for r, (j, (tok, q)) in enumerate(zip(head, drafted)):
                 i = act[j]
@@ -93,13 +94,17 @@ def low_confidence(logits: torch.Tensor, threshold: float) -> list[bool]:
     return (torch.exp(logits - top).sum(dim=-1).reciprocal() < threshold).tolist()
 
 
-def draft_tokens(logits: torch.Tensor, seqs, sampler) -> list[tuple[int, torch.Tensor | None]]:
+def draft_tokens(logits: torch.Tensor, seqs, sampler, drafted) -> list[tuple[int, torch.Tensor | None]]:
     """One draft token per row: the argmax for greedy requests (q unused), else a draw from the
-    draft distribution q under the request's own sampling parameters and generator."""
-    greedy = logits.max(dim=-1).indices.tolist()
+    draft distribution q under the request's own sampling parameters and generator. Each row is
+    processed (penalties, min_tokens) with its sequence's outputs plus `drafted[row]`, the drafts
+    before it, as the verifier will process that position: drafts then agree more often."""
+    states = [s.state.ahead(d) for s, d in zip(seqs, drafted)]
+    greedy_logits = sampler.processed(logits, states) if any(st.needs_positions for st in states) else logits
+    greedy = greedy_logits.max(dim=-1).indices.tolist()
     out = []
     sampled = [j for j, s in enumerate(seqs) if not s.params.greedy]
-    probs = sampler.filtered_probs(logits[sampled], [seqs[j].state for j in sampled]) if sampled else None
+    probs = sampler.filtered_probs(logits[sampled], [states[j] for j in sampled]) if sampled else None
     row = {j: r for r, j in enumerate(sampled)}
     for j, s in enumerate(seqs):
         if s.params.greedy:

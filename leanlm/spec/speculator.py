@@ -1,12 +1,13 @@
 """The engine's side of speculative decoding: which sequences draft this step and how many
 tokens, the proposer call, verification of the target's logits, and the counters for /metrics.
 
-A sequence drafts when it is decoding (its last token is the only one not cached) and its
-sampling does not depend on the tokens before each position in ways the verifier's shared
-distribution would miss: no repetition / presence / frequency penalties, no min_tokens block
-pending (those decode normally, in the same step). Logprobs are those of the target's raw logits
-at each emitted position, as plain decoding reports them: verification computed them. Each gets its own k, cut
-by its max_len, the KV codec's room and the token budget.
+A sequence drafts when it is decoding (its last token is the only one not cached). Each
+verified position is processed as plain decoding would process it there: repetition / presence /
+frequency penalties count the output tokens including the drafts before that position, and the
+min_tokens block of EOS / stop tokens holds while the outputs before it are fewer than min_tokens
+(`SamplingState.ahead`). Logprobs are those of the target's raw logits at each emitted position,
+as plain decoding reports them: verification computed them. Each gets its own k, cut by its
+max_len, the KV codec's room and the token budget.
 
 How much to draft (the batch-size turn-down). A verification of k + 1 tokens per sequence costs
 more as the batch grows (the forward turns compute-bound), so each step asks the cost model
@@ -23,11 +24,11 @@ Steps without drafting for either reason are counted in the stats (off_batch, of
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from leanlm.engine.sampling import _to_host
+from leanlm.engine.sampling import _to_host, position_states
 from leanlm.spec.config import SpecConfig
 from leanlm.spec.cost import CostModel, head_fraction
 from leanlm.spec.proposer import Draft, Proposer
@@ -45,8 +46,18 @@ class SpecStats:
     off_batch: int = 0        # steps with decoding sequences but more than spec_max_batch of them
     off_cost: int = 0         # steps the cost model predicted no gain from drafting
     choices: Counter = field(default_factory=Counter)  # 'E=13:k=3' / 'k=4' / 'off' -> steps
+    draft_lengths: Counter = field(default_factory=Counter)  # k chosen (0: off) -> steps
+    exit_layers: Counter = field(default_factory=Counter)    # early-exit:auto: exit layer chosen (0: off) -> steps
+    draft_length: int = 0     # the latest step's choice
+    exit_layer: int = 0       # early-exit:auto: the latest step's choice (0: off)
     acceptance_estimate: float = 0.0  # the running (decayed) rate the policy uses
     layer_acceptance: dict = field(default_factory=dict)  # early-exit:auto: exit layer -> global estimate
+
+    def __copy__(self) -> "SpecStats":
+        """A snapshot (EngineStats.spec): its counters are not the live ones, which the engine
+        thread goes on changing while a /metrics scrape reads the snapshot."""
+        return replace(self, choices=Counter(self.choices), draft_lengths=Counter(self.draft_lengths),
+                       exit_layers=Counter(self.exit_layers), layer_acceptance=dict(self.layer_acceptance))
 
     @property
     def acceptance_rate(self) -> float:
@@ -73,10 +84,6 @@ class Speculator:
         self.set_estimate(PRIOR_ALPHA)  # decayed accepted / judged drafts
         self.enabled = True
 
-    def eligible(self, seq) -> bool:
-        s = seq.state
-        return not s.uses_penalties and not s.min_tokens_blocked
-
     def set_estimate(self, alpha: float, weight: float = 2.0) -> None:
         """Start the fixed proposers' running acceptance estimate at alpha (as `weight` drafts)."""
         self._hits, self._count = alpha * weight, weight
@@ -97,9 +104,15 @@ class Speculator:
                                                   lambda b, j: self.proposer.step_cost(self.cost, b, j))
             k = k if gain >= MIN_GAIN else 0
             label = f"k={k}" if k else "off"
-        self.stats.choices[label] += 1
+        st = self.stats
+        st.choices[label] += 1
+        st.draft_lengths[k] += 1
+        st.draft_length = k
+        if choose is not None:
+            st.exit_layer = self.proposer.exit_layer if k else 0
+            st.exit_layers[st.exit_layer] += 1
         if not k:
-            self.stats.off_cost += 1
+            st.off_cost += 1
         return k
 
     def plan(self, batch) -> dict:
@@ -116,14 +129,14 @@ class Speculator:
     def _drafts(self, batch, decodes) -> dict:
         if len(decodes) > self.max_batch:
             self.stats.off_batch += 1
+            self.stats.draft_length = self.stats.exit_layer = 0
             return {}
-        eligible = [seq for seq in decodes if self.eligible(seq)]
-        k_step = self.step_k(eligible, len(decodes)) if eligible else 0
+        k_step = self.step_k(decodes, len(decodes))
         if not k_step:
             return {}
         budget = self.token_budget - sum(n for _, n in batch)
         seqs, ks = [], []
-        for seq in eligible:
+        for seq in decodes:
             L = len(seq.token_ids)
             k = min(k_step, seq.max_len - L - 1, self.cache.draft_room(L), budget)
             if k <= 0:
@@ -147,9 +160,15 @@ class Speculator:
     def verify(self, seqs, logits: list[torch.Tensor], drafts: dict, sampler) -> list[list[int]]:
         """Per sequence, logits [k+1, V] -> the tokens to emit (accepted drafts + one)."""
         out: list[list[int]] = [[] for _ in seqs]
+        # row j of a sequence is processed with its outputs + its drafts before j (penalties,
+        # min_tokens), as plain decoding processes that position
+        states = [position_states(s.state, drafts[s].tokens) for s in seqs]
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         if greedy:  # one argmax and one host copy for every greedy row of the step
-            argmax = torch.cat([logits[i] for i in greedy]).max(dim=-1).indices.tolist()
+            block = torch.cat([logits[i] for i in greedy])
+            if any(seqs[i].state.needs_positions for i in greedy):
+                block = sampler.processed(block, [st for i in greedy for st in states[i]])
+            argmax = block.max(dim=-1).indices.tolist()
             at = 0
             for i in greedy:
                 k1 = logits[i].shape[0]
@@ -157,8 +176,8 @@ class Speculator:
                 at += k1
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
-            states = [seqs[i].state for i in sampled for _ in range(logits[i].shape[0])]
-            probs = sampler.filtered_probs(torch.cat([logits[i] for i in sampled]), states)
+            probs = sampler.filtered_probs(torch.cat([logits[i] for i in sampled]),
+                                           [st for i in sampled for st in states[i]])
             at = 0
             for i in sampled:
                 k1, d = logits[i].shape[0], drafts[seqs[i]]

@@ -86,8 +86,8 @@ def test_greedy_identical_alone_and_batched(path, draft_path, expected, which):
 
 
 def test_requests_joining_mid_run(path, expected):
-    """Continuous batching: requests arrive while others verify drafts; some sample (no drafts
-    for them in steps with penalties), all in the same steps."""
+    """Continuous batching: requests arrive while others verify drafts, one of them with a
+    repetition penalty (it drafts too, each position with its own penalty state)."""
     engine = speculating(LLMEngine(EngineConfig(model=path, spec="early-exit:2:k=3", block_size=4)))
     penalised = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3)
     plain_penalised = token_ids(LLM(path, block_size=4).generate(prompts()[:1], penalised))[0]
