@@ -298,3 +298,18 @@ def test_a_cached_prompt_drafts_at_its_first_step(path):
         hits = llm.engine.stats().prefix_cache_hits
         assert token_ids(llm.generate(prompts(), params)) == token_ids(plain.generate(prompts(), params))
     assert llm.engine.stats().prefix_cache_hits > hits
+
+
+@pytest.mark.parametrize("spec", ["early-exit:1:k=3", "self:rtn:int8:k=4"])
+def test_sampled_with_penalties_drafts_and_is_reproducible(llms, spec):
+    """Seeded sampling with penalties and min_tokens through the model drafters' sampled path
+    (drafts drawn from q under the same per-position processing): drafts are accepted, and a
+    seeded request gives the same tokens alone and in a batch."""
+    params = SamplingParams(temperature=0.8, top_k=40, max_tokens=24, seed=3, min_tokens=5,
+                            stop_token_ids=[7], **PENALTIES["all"])
+    llm = llms(spec)
+    before = llm.engine.stats().spec
+    alone = token_ids(llm.generate(prompts()[:1], params))[0]
+    assert token_ids(llm.generate(prompts(), params))[0] == alone
+    after = llm.engine.stats().spec
+    assert after.drafted > before.drafted and after.accepted > before.accepted
