@@ -43,11 +43,13 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     for m in model.modules():
         if not (hasattr(m, "in_features") and hasattr(m, "out_features")):
             continue
-        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
             key = (t.data_ptr(), t.numel())
             if key not in seen:
                 seen.add(key)
-                total += t.numel() * t.element_size()
+                # float32 panels are padded to 16 columns: count the matrix, not the zero padding
+                n = m.out_features * m.in_features if name == "packed_weight" else t.numel()
+                total += n * t.element_size()
     return total
 
 

@@ -109,7 +109,9 @@ def fold_key_order(model, order: torch.Tensor) -> None:
         rows = (torch.arange(c.num_heads + c.num_kv_heads).unsqueeze(1) * D + order).flatten()
         qkv = attn.qkv_proj
         n = rows.numel()
-        qkv.weight.data[:n] = qkv.weight.data[:n][rows.to(qkv.weight.device)]
+        w = qkv.weight.detach().clone()  # through set_weight: a packed layer's `weight` is a copy
+        w[:n] = w[:n][rows.to(w.device)]
+        qkv.set_weight(w)
         if qkv.bias is not None:
             qkv.bias.data[:n] = qkv.bias.data[:n][rows.to(qkv.bias.device)]
         if c.qk_norm:

@@ -156,6 +156,9 @@ class PagedKVCache(KVCache):
                     blocks = torch.tensor([s.kv.blocks[:nblk]], dtype=torch.long, device=self.device)
             ctx.prefills.append(_Prefill(s.start, s.n, s.q_offset, first, blocks,
                                          prefill_mask(s.start, s.n, self.window, self.device)))
+        plan = getattr(self.codec, "plan_step", None)
+        if plan is not None:  # codecs that track each sequence's blocks (kivi's rR window, sinkS)
+            plan(seqs, ctx.slot_mapping)
         return ctx
 
     def _decode_group(self, group: list[SeqSlice]) -> _DecodeGroup:

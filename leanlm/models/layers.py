@@ -42,6 +42,28 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
 
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Overwrite the float weight after loading, whatever form the method keeps it in (a
+        packed layer's `weight` is a read-back copy: writing into it would change nothing)."""
+        if "packed_weight" in self._buffers:
+            from leanlm.native.gemm import pack
+
+            self._buffers["packed_weight"].copy_(pack(w.float()))
+        else:
+            self.weight.data.copy_(w)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # a packed float32 layer keeps only its panels: `weight` reads back an unpacked copy
+            packed = self._buffers.get("packed_weight") if name == "weight" else None
+            if packed is None:
+                raise
+            from leanlm.native.gemm import unpack
+
+            return unpack(packed, self.out_features)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype):

@@ -138,6 +138,10 @@ def save_quantized(model: torch.nn.Module, model_dir_src: str | os.PathLike, out
         layer_meta[name] = meta
     for name, p in model.named_parameters():  # tied parameters appear once (the embedding)
         tensors[name] = p.detach().to(dtype).cpu()
+    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
+    for name, m in model.named_modules():  # float32 layers packed for the native kernel
+        if "packed_weight" in getattr(m, "_buffers", {}) and not (tied and name == "lm_head"):
+            tensors[f"{name}.weight"] = m.weight.to(dtype).cpu()
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     manifest = {"format_version": FORMAT_VERSION, "spec": str(spec),
                 "dtype": str(dtype).removeprefix("torch."), "source": str(src),

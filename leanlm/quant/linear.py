@@ -55,10 +55,44 @@ class OneDNNPrepackedMethod(QuantMethod):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
+class PackedFloat32Method(QuantMethod):
+    """float32 on CPU: the weight repacked once into 16-column panels for the native small-M
+    kernel (leanlm/native/sgemm.c). Decode and speculative verification (2..16 rows) cost about
+    what one row does, and every row's result is independent of the batch. The panels replace
+    the [N, K] weight (one copy in memory); `layer.weight` still reads back, as an unpacked copy,
+    for the code that needs the matrix (quantizers, xquant's SVD, checkpoints)."""
+
+    name = "packed-f32"
+
+    def process_after_loading(self, layer):
+        if "packed_weight" in layer._buffers:
+            return
+        from leanlm.native import gemm
+
+        layer.register_buffer("packed_weight", gemm.pack(layer.weight.data.float()), persistent=False)
+        # a tied LM head drops only its own reference: the embedding keeps the matrix
+        del layer._parameters["weight"]
+
+    def apply(self, layer, x):
+        if torch.compiler.is_compiling():
+            return _gemm().packed_linear(x, layer.packed_weight, layer.out_features, layer.bias)
+        return _gemm().linear_(x, layer.packed_weight, layer.out_features, layer.bias)
+
+
+def _gemm():
+    from leanlm.native import gemm  # imported on first use: builds nothing until a model needs it
+
+    return gemm
+
+
 def onednn_available(dtype: torch.dtype, device: torch.device) -> bool:
     return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
             and torch.backends.mkldnn.is_available())
 
 
 def default_method(dtype: torch.dtype, device: torch.device) -> QuantMethod:
-    return OneDNNPrepackedMethod() if onednn_available(dtype, device) else UnquantizedMethod()
+    if onednn_available(dtype, device):
+        return OneDNNPrepackedMethod()
+    from leanlm.native import gemm
+
+    return PackedFloat32Method() if gemm.available(dtype, device) else UnquantizedMethod()

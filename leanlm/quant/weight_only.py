@@ -91,6 +91,7 @@ class WeightOnlyMethod(QuantMethod):
                     layer.register_buffer(f"q_{attr}", getattr(q, attr), persistent=False)
             self.kernel = "dequant"
             self.table = self._value_table(q)
+        layer._buffers.pop("packed_weight", None)  # a float32 layer's panels, if it had them
         layer.weight = None  # only the quantized form stays in memory
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

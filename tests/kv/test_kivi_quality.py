@@ -4,38 +4,20 @@ reads of those blocks and float64-bounded reads of the others, greedy decoding =
 scoring through the engine, rows given back, prefix-cache hits refused, spec errors.
 
 A window or sinks need the sequence structure of a step (which blocks are one sequence's, and
-where), which the slot mapping alone does not carry: the paged cache must call
-codec.plan_step(seqs, slot_mapping) in prepare(). Until paged.py does, `hooked` applies exactly
-that call around PagedKVCache.prepare."""
+where), which the slot mapping alone does not carry: the paged cache calls
+codec.plan_step(seqs, slot_mapping) in prepare()."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from leanlm import LLM, SamplingParams
-from leanlm.kv.paged import PagedKVCache
 from leanlm.kv.quantized import KiviCodec, full_precision_blocks
 from leanlm.kv.spec import KVSpec, build_codec
 
 L, H, D, BS = 2, 2, 64, 16
 CPU = torch.device("cpu")
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-
-
-@pytest.fixture
-def hooked(monkeypatch):
-    prepare = PagedKVCache.prepare
-    if "plan_step" in prepare.__code__.co_names:  # paged.py calls it already
-        return
-
-    def with_plan(self, seqs):
-        ctx = prepare(self, seqs)
-        plan = getattr(self.codec, "plan_step", None)
-        if plan is not None:
-            plan(seqs, ctx.slot_mapping)
-        return ctx
-
-    monkeypatch.setattr(PagedKVCache, "prepare", with_plan)
 
 
 @pytest.mark.parametrize("length, residual, sink, expected", [
@@ -158,7 +140,7 @@ KV = ["kivi:2:g16:r48:sink16", "kivi:2:g16:sink32:rotate"]
 
 
 @pytest.mark.parametrize("kv", KV)
-def test_greedy_decoding_is_chunk1_scoring(path, kv, hooked):
+def test_greedy_decoding_is_chunk1_scoring(path, kv):
     """Token-by-token decoding reads each block as the window/sink rules say at every length;
     score(chunk=1) writes and reads the same cache token by token: the logprobs agree, and a
     chunked score (chunk 40 sees blocks leave the window mid-chunk) does not."""
@@ -176,7 +158,7 @@ def test_greedy_decoding_is_chunk1_scoring(path, kv, hooked):
 
 
 @pytest.mark.parametrize("kv", KV)
-def test_batched_equals_alone_and_rows_come_back(path, kv, hooked):
+def test_batched_equals_alone_and_rows_come_back(path, kv):
     llm = LLM(path, dtype="float32", kv=kv, enable_prefix_caching=False)
     ps = prompts()
     alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in ps]
@@ -185,7 +167,7 @@ def test_batched_equals_alone_and_rows_come_back(path, kv, hooked):
     assert len(codec._free_rows) == codec.rk[0].shape[0] and not codec._held and (codec.res_row == -1).all()
 
 
-def test_prefix_cache_hit_on_a_full_precision_block_is_refused(path, hooked):
+def test_prefix_cache_hit_on_a_full_precision_block_is_refused(path):
     """A block's full-precision copy lives while its writer holds it, so a prefix-cache hit could
     not read a sink / window block the way a recomputation would: a clear error, not a silent
     difference (with prefix caching off the outputs are the recomputed ones)."""

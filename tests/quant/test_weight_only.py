@@ -43,7 +43,7 @@ def reference_logits(path, quant: str, prompt):
     with torch.no_grad():
         for name, m in ref.engine.model.named_modules():
             if hasattr(m, "method") and name != "lm_head":
-                m.weight.copy_(fmt.dequantize(fmt.quantize(m.weight.float(), spec.group_size)))
+                m.set_weight(fmt.dequantize(fmt.quantize(m.weight.float(), spec.group_size)))
     return logits(ref, prompt)
 
 

@@ -1,0 +1,102 @@
+"""Native CPU kernels: small C files compiled once per machine with the system C compiler and
+loaded with ctypes. They cover what torch's CPU kernels do poorly for LLM decoding (see each .c
+file); every caller keeps a pure-torch path, used when no compiler is present, when the build
+fails, or when LEANLM_NATIVE=0.
+
+Why ctypes and not a torch C++ extension: a plain C file with no torch headers compiles in under
+a second, and a ctypes call costs a few microseconds. The library links the OpenMP runtime torch
+already loaded (same soname), so both share one thread pool and torch.set_num_threads applies.
+Builds are cached under $LEANLM_CACHE/native (default ~/.cache/leanlm/native), keyed by the
+source, the flags, the compiler and the CPU, so a copied cache never runs code built for another
+machine's instruction set.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401  (loads torch's libgomp first: the kernels then bind to the same one)
+
+log = logging.getLogger("leanlm")
+SOURCE_DIR = Path(__file__).parent
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("LEANLM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm"
+    return Path(root) / "native"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def build(name: str) -> Path:
+    """Compile leanlm/native/{name}.c (once per machine) and return the shared library's path.
+    Raises RuntimeError with the compiler's message when that fails."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (gcc or cc on PATH, or $CC)")
+    src = (SOURCE_DIR / f"{name}.c").read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    key = hashlib.sha256(b"\0".join([src, " ".join(CFLAGS).encode(), version.encode(),
+                                     platform.machine().encode(), _cpu_signature().encode()]))
+    out_dir = _cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    with open(out_dir / f".{name}.lock", "w") as lock:  # one build at a time across processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.exists():
+            return lib
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *CFLAGS, str(SOURCE_DIR / f"{name}.c"), "-o", tmp],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"{cc} failed to build {name}.c:\n{r.stderr.strip()[-2000:]}")
+            os.replace(tmp, lib)  # atomic: a reader never sees a half-written library
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return lib
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library `name`, or None (with one warning) when native kernels are off or the
+    build fails: callers then use their torch path."""
+    if not enabled():
+        return None
+    if name not in _loaded:
+        try:
+            _loaded[name] = ctypes.CDLL(str(build(name)))
+        except (RuntimeError, OSError) as e:
+            log.warning("native kernel %s unavailable, using torch ops instead: %s", name, e)
+            _loaded[name] = None
+    return _loaded[name]
