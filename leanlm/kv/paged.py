@@ -36,6 +36,7 @@ class _DecodeGroup:
     first_slot: int | None                        # one sequence with adjacent blocks: read a view
     block_tables: torch.Tensor | None             # else [B, nblk], padded with block 0
     mask: torch.Tensor | None                     # [B, 1, 1, kv_len]
+    lens: list[int] = field(default_factory=list)  # each sequence's context, its new token included
 
 
 @dataclass
@@ -176,7 +177,13 @@ class PagedKVCache(KVCache):
         if first is None:
             padded = [s.kv.blocks[:nblk] + [0] * (nblk - min(nblk, len(s.kv.blocks))) for s in group]
             tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-        return _DecodeGroup(rows, kv_len, first, tables, decode_mask(lens, self.window, self.device))
+        return _DecodeGroup(rows, kv_len, first, tables, decode_mask(lens, self.window, self.device), lens)
+
+    def _tables(self, d: _DecodeGroup) -> torch.Tensor:
+        if d.block_tables is not None:
+            return d.block_tables
+        first = d.first_slot // self.block_size  # one sequence on adjacent blocks
+        return torch.arange(first, first + -(-d.kv_len // self.block_size), device=self.device).unsqueeze(0)
 
     def attend(self, layer: int, q, k, v, ctx: PagedContext) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the flattened batch -> [T, Hq, D]."""
@@ -188,7 +195,13 @@ class PagedKVCache(KVCache):
         else:
             self.codec.write(layer, ctx.slot_mapping, k, v)
         out = torch.empty_like(q)
+        fused = getattr(self.codec, "decode_attention", None) if self.window is None else None
         for d in ctx.decodes:
+            if fused is not None:  # attention computed on the stored codes, no dequantized copy
+                o = fused(layer, q[d.rows], self._tables(d), torch.tensor(d.lens))
+                if o is not None:
+                    out[d.rows] = o
+                    continue
             if d.first_slot is not None:
                 keys, values = self.codec.read_slots(layer, d.first_slot, d.kv_len)
                 keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)

@@ -455,6 +455,14 @@ class KiviCodec(KVCodec):
             v[partial] = self.rv[layer].index_select(0, res[partial])
         return k.view(B, nblk * bs, H, D), v.view(B, nblk * bs, H, D)
 
+    def decode_attention(self, layer, q, block_tables, lens):
+        """One query per sequence attending to its blocks straight from the codes (the native
+        kernel in leanlm/native/kivi_attention.c); None where it does not apply (no compiler,
+        ktok, a GPU), and the cache then dequantizes through read_blocks."""
+        from leanlm.native.kivi import decode_attention
+
+        return decode_attention(self, layer, q, block_tables, lens)
+
     def read_slots(self, layer, first_slot, length):
         bs = self.block_size  # adjacent blocks start at a block boundary
         first = first_slot // bs
