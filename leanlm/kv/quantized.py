@@ -360,7 +360,7 @@ class KiviCodec(KVCodec):
             raise RuntimeError(f"kivi {self.spec}: a window (rR > G) or sinks need the cache to call "
                                "codec.plan_step(seqs, slot_mapping) in each step's prepare()")
         bs, s = self.block_size, slots.tolist()
-        plan, freed = _WritePlan(slots, self.device), []
+        plan, freed, starts = _WritePlan(slots, self.device), [], []
         i = 0
         while i < len(s):
             b, off = divmod(s[i], bs)
@@ -380,19 +380,24 @@ class KiviCodec(KVCodec):
                 plan.order += [(1, len(plan.new_idx) + t) for t in range(j - i + 1)]
                 plan.new_idx += range(i, j + 1)
                 plan.full_blocks.append(b)
-            else:
-                if row is None:
-                    if not self._free_rows:
-                        raise RuntimeError("kivi: no free residual row (more sequences filling a block "
-                                           "than max_num_seqs)")
-                    row = self._rows[b] = self._free_rows.pop()
-                    self.res_row[b] = row
+            elif row is not None:
                 plan.res_dst += range(row * bs + off, row * bs + last + 1)
                 plan.res_src += range(i, j + 1)
+            else:
+                starts.append((b, off, last, i, j))
             i = j + 1
-        # rows are recycled only after the plan: a row read by a filling block in this step's
-        # layers must not also receive another block's new tokens in the same step
+        # rows of blocks that fill in this step are free for blocks that start in it (a prefill
+        # chunk crossing a block boundary holds both for a moment): write() reads a filling
+        # block's old row before it writes any new token into the rows
         self.release(freed)
+        for b, off, last, i, j in starts:
+            if not self._free_rows:
+                raise RuntimeError("kivi: no free residual row (more sequences filling a block "
+                                   "than max_num_seqs)")
+            row = self._rows[b] = self._free_rows.pop()
+            self.res_row[b] = row
+            plan.res_dst += range(row * bs + off, row * bs + last + 1)
+            plan.res_src += range(i, j + 1)
         self._plan = plan.finish(self.device)
         return self._plan
 
