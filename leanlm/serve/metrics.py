@@ -66,18 +66,24 @@ class _EngineCollector:
 
 def _spec_metrics(spec, model_name: str):
     """SpecStats as metric families, labelled with the proposer's spec. The proposer-specific
-    families (exit layer, per-layer acceptance) are early-exit:auto's and have no samples under
-    the other proposers."""
+    families (exit layer, per-layer acceptance) are early-exit:auto's: absent under the others."""
+    for m in _spec_families(spec, model_name):
+        if m is not None:
+            yield m
+
+
+def _spec_families(spec, model_name: str):
     labels, values = ["model_name", "spec"], [model_name, spec.spec]
 
     def family(kind, name, doc, value=None, by=None, samples=()):
-        """One family; `by` names a further label and `samples` its (label value, value) pairs."""
+        """One family; `by` names a further label and `samples` its (label value, value) pairs
+        (none yet: no family, rather than a HELP line without samples)."""
         m = kind(f"leanlm:{name}", doc, labels=labels + ([by] if by else []))
         if by is None:
             m.add_metric(values, value)
         for key, v in samples:
             m.add_metric(values + [str(key)], v)
-        return m
+        return m if m.samples else None
 
     C, G = CounterMetricFamily, GaugeMetricFamily
     yield family(C, "spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec.drafted)
@@ -102,7 +108,7 @@ def _spec_metrics(spec, model_name: str):
                  spec.draft_length)
     yield family(C, "spec_decode_num_steps_by_exit_layer", "early-exit:auto: steps by the exit layer chosen "
                  "(layers the draft runs; 0: drafting off).", by="exit_layer", samples=sorted(spec.exit_layers.items()))
-    if spec.exit_layers:
+    if spec.exit_layers:  # early-exit:auto
         yield family(G, "spec_decode_exit_layer", "early-exit:auto: the exit layer chosen at the latest step "
                      "(0: off).", spec.exit_layer)
     yield family(G, "spec_decode_layer_acceptance_estimate", "early-exit:auto: each candidate exit layer's "

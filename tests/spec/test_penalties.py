@@ -301,15 +301,15 @@ def test_a_cached_prompt_drafts_at_its_first_step(path):
 
 
 @pytest.mark.parametrize("spec", ["early-exit:1:k=3", "self:rtn:int8:k=4"])
-def test_sampled_with_penalties_drafts_and_is_reproducible(llms, spec):
+def test_sampled_with_penalties_drafts_and_is_reproducible(path, spec):
     """Seeded sampling with penalties and min_tokens through the model drafters' sampled path
     (drafts drawn from q under the same per-position processing): drafts are accepted, and a
-    seeded request gives the same tokens alone and in a batch."""
+    seeded request gives the same tokens alone and in a batch. (No prefix cache: a prompt found
+    whole there drafts at its first step, which draws other random numbers than a prefill.)"""
     params = SamplingParams(temperature=0.8, top_k=40, max_tokens=24, seed=3, min_tokens=5,
                             stop_token_ids=[7], **PENALTIES["all"])
-    llm = llms(spec)
-    before = llm.engine.stats().spec
+    llm = speculating(LLM(path, spec=spec, block_size=4, enable_prefix_caching=False))
     alone = token_ids(llm.generate(prompts()[:1], params))[0]
     assert token_ids(llm.generate(prompts(), params))[0] == alone
-    after = llm.engine.stats().spec
-    assert after.drafted > before.drafted and after.accepted > before.accepted
+    s = llm.engine.stats().spec
+    assert s.drafted > 0 and s.accepted > 0
