@@ -68,7 +68,7 @@ static void run_tile(const float *x, int K, int mr, const float *wp, int nb, flo
 void sgemm_packed(const float *x, int M, int K, const float *wp, int N, float *y,
                   const float *bias) {
     const int panels = (N + 15) / 16;
-    const int nb_max = M <= 6 ? 4 : 2;              /* accumulators + weights fit 32 registers */
+    const int nb_max = M <= 4 ? 4 : 2;              /* accumulators + weights fit 32 registers */
     const int mt = M <= MAX_MR ? M : (M + ((M + MAX_MR - 1) / MAX_MR) - 1) / ((M + MAX_MR - 1) / MAX_MR);
     const int groups = (panels + nb_max - 1) / nb_max, mtiles = (M + mt - 1) / mt;
     #pragma omp parallel for schedule(static) collapse(2) if ((long)M * N * K > 65536)

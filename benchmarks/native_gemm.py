@@ -1,0 +1,70 @@
+"""Float32 linear layers at small M: MKL's F.linear vs leanlm's packed native kernel (sgemm.c).
+
+Times the 30 decoder layers' linears of SmolLM2-135M (fused qkv 576->960, o 576->576, fused
+gate/up 576->3072, down 1536->576; random weights of those shapes, 30 distinct copies so the
+weights stream from memory as in decoding) and the LM head (576->49152), at M rows per call: M = 1
+is a decode step, M = k+1 a speculative verification of k drafts. Median of --repeats.
+
+    python benchmarks/native_gemm.py [--rows 1 2 5 9 16] [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from leanlm.native import gemm
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+HEAD = (49152, 576)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 9, 16])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--layers", type=int, default=30)
+    args = ap.parse_args()
+    if gemm.kernel() is None:
+        raise SystemExit("the native kernel is unavailable (no C compiler, or LEANLM_NATIVE=0)")
+    torch.manual_seed(0)
+    layers = [[torch.randn(n, k) for n, k in SHAPES] for _ in range(args.layers)]
+    packed = [[gemm.pack(w) for w in ws] for ws in layers]
+    head = torch.randn(*HEAD)
+    head_p = gemm.pack(head)
+    table = Table(title=f"float32 linears, {args.layers} layers + LM head, {torch.get_num_threads()} threads "
+                        f"(ms per forward, median of {args.repeats})")
+    for col in ("rows", "layers MKL", "layers native", "x", "head MKL", "head native", "x",
+                "native vs its M=1"):
+        table.add_column(col, justify="right")
+    base = None
+    for m in args.rows:
+        xs = {576: torch.randn(m, 576), 1536: torch.randn(m, 1536)}
+        mkl = timed(lambda: [F.linear(xs[w.shape[1]], w) for ws in layers for w in ws], args.repeats)
+        nat = timed(lambda: [gemm.linear_(xs[p.shape[1]], p, p.shape[0] * 16, None)
+                             for ps in packed for p in ps], args.repeats)
+        hm = timed(lambda: F.linear(xs[576], head), args.repeats)
+        hn = timed(lambda: gemm.linear_(xs[576], head_p, HEAD[0], None), args.repeats)
+        base = base or nat + hn
+        table.add_row(str(m), f"{mkl:.2f}", f"{nat:.2f}", f"{mkl / nat:.2f}x", f"{hm:.2f}", f"{hn:.2f}",
+                      f"{hm / hn:.2f}x", f"{(nat + hn) / base:.2f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
