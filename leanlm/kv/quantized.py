@@ -7,7 +7,7 @@ saturation and out of the subnormals; a power of two does that exactly (scaling 
 costs one int8 per token and head, needs no calibration, and - unlike a scale per block of
 tokens - no full-precision residual, since each token is encoded alone when it is written.
 
-KIVI (`kivi:BITS[:gG][:vVBITS][:cC][:rotate]`, Liu et al. 2024). Keys are quantized per channel over
+KIVI (`kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:rotate][:ktok|:knorm]`, Liu et al. 2024). Keys are quantized per channel over
 groups of G tokens, values (with VBITS bits) per token over groups of C channels (default V_GROUP),
 asymmetrically (min-max, fp16 scale and zero). Scales cost 32 bits per group: 32/G bits per key
 element and 32/C per value element, which is why kivi:4 at G=16, C=32 is only 2.9x a bf16 cache
@@ -26,6 +26,19 @@ residual (kept in a pool of `max_partial` rows, one per running sequence) and th
 quantized when its last token is written, so full - and hence prefix-cached - blocks are always
 quantized. Values are quantized as they arrive; the residual overlay hides them until their block
 is full. INT4 codes are packed two per byte, INT2 four per byte.
+
+8-bit value scales (`s8`). Each value group's scale is a uint8 code c of S8_TABLE[c] =
+2^((c - 168) / 12) (a log grid, 2^-14 .. ~152, steps of 5.9%: no per-token base to store, the
+same relative precision at every magnitude) and its zero an int8 count of quarter steps (whole
+steps at 8 bits): 16 bits per group instead of 32, so 0.25 bit per value at C = 64 instead of
+0.5. The bound stays |x - x_hat| <= s / 2 (asym_quantize8). Keys keep fp16 scale and zero:
+8-bit key scales cost far more than the bits they save on SmolLM2 (1024 WikiText tokens,
+kivi:4:g64:v3:c64:rotate +3.7% over bf16; with 8-bit scale and int8 zero on keys too +7.4%,
+with 8-bit key scales and fp16 zeros +5.2%; 8-bit value scales alone +3.4%): a key channel far
+from 0 with a narrow range needs a zero finer than int8 steps can place, and the keys' error
+goes straight into every score of the block. Over the first 4 WikiText windows the value-only
+s8 codec still costs +1.2% (docs/BENCHMARKS.md). The fused kernel reads the codes and the
+S8_TABLE floats the torch path uses.
 
 Window and sinks (`rR` with R > G, `sinkS`; R, S multiples of G). Full blocks are still quantized
 when they fill, but a block stays in full precision too while fewer than R tokens of its sequence
@@ -173,6 +186,57 @@ def asym_quantize(x: torch.Tensor, dim: int, bits: int):
     return q, s.half(), z.half()
 
 
+# 8-bit scales (`s8`): a scale is the code c in 0..255 of S8_TABLE[c] = 2^((c - 168) / 12), a
+# logarithmic grid from 2^-14 to 2^7.25 (about 152) with steps of 2^(1/12) (5.9%): no base to
+# store, the same relative precision at every magnitude. The zero is an int8 z in units u of the
+# scale (u = s8_zero_unit(bits)), x ~ code * s + z * u * s: z = round(min / (u s)) moves the grid's
+# start off the min by at most u s / 2 <= s / 2, which keeps the min-max bound |x - x_hat| <= s / 2
+# for s >= (max - min) / qmax (the grid's qmax + 1 points then reach half a step past both ends).
+# On SmolLM2's K/V (1024 WikiText tokens, per-channel keys over 64 tokens, values per token over
+# 64 channels, with or without rotate) the squared error is 6-8% above fp16 scale and zero at
+# 2, 3 and 4 bits, nearly all of it the scale's rounding up to the 2^(1/12) grid.
+S8_OFFSET, S8_STEPS = 168, 12
+S8_TABLE = torch.exp2((torch.arange(256, dtype=torch.float64) - S8_OFFSET) / S8_STEPS).float()
+S8_MIN, S8_MAX = float(S8_TABLE[0]), float(S8_TABLE[-1])
+
+
+def s8_zero_unit(bits: int) -> float:
+    """The zero's unit as a fraction of the scale: a quarter step for 2-4-bit codes (int8 then
+    reaches 32 steps, about 2 ranges at 4 bits, from 0), a whole step for 8-bit codes (half a
+    range; the unit must stay <= 1 step for the s / 2 bound)."""
+    return 0.25 if bits <= 4 else 1.0
+
+
+def asym_quantize8(x: torch.Tensor, dim: int, bits: int):
+    """Min-max asymmetric quantization of float32 x over `dim` with 8-bit scale and zero: codes
+    (uint8, shaped like x), scale codes (uint8) and zeros (int8) (dim kept, size 1) with
+    x ~ (code + z * u) * S8_TABLE[scale code], u = s8_zero_unit(bits).
+
+    The stored scale is the smallest table entry >= max((max - min) / qmax, -min / (128 u),
+    min / (127 u), 2^-14): the range as in asym_quantize (rounded up by < 2^(1/12) instead of to
+    fp16), or larger where the zero would leave int8 (a 4-bit group more than ~2 ranges from 0). Error: |x - x_hat| <= s / 2 plus float32 rounding, for scales up to
+    S8_MAX; a group needing more saturates (its codes clip)."""
+    qmax, zunit = (1 << bits) - 1, s8_zero_unit(bits)
+    lo, hi = x.amin(dim, keepdim=True).double(), x.amax(dim, keepdim=True).double()
+    need = torch.maximum(torch.maximum((hi - lo) / qmax, -lo / (128 * zunit)),
+                         torch.maximum(lo / (127 * zunit), torch.full_like(lo, S8_MIN)))
+    table = S8_TABLE.to(x.device)
+    sc = torch.searchsorted(table.double(), need).clamp_(max=255)
+    s = table[sc]
+    z = torch.round(lo / (s.double() * zunit)).clamp_(-128, 127)
+    q = torch.round((x - z.float() * (s * zunit)) / s).clamp_(0, qmax).to(torch.uint8)
+    return q, sc.to(torch.uint8), z.to(torch.int8)
+
+
+def dequant_scale_zero(s: torch.Tensor, z: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored (scale, zero) -> float32 (s, z) with x_hat = code * s + z: fp16 pairs as they are,
+    8-bit ones (uint8 scale code, int8 zero in units of s8_zero_unit(bits) scales) through S8_TABLE."""
+    if s.dtype == torch.uint8:
+        sf = S8_TABLE.to(s.device)[s.long()]
+        return sf, z.float() * (sf * s8_zero_unit(bits))
+    return s.float(), z.float()
+
+
 def full_precision_blocks(length: int, block_size: int, residual: int, sink: int) -> list[int]:
     """Indices (in the sequence) of the blocks a sequence of `length` tokens reads in full
     precision: the first sink / G blocks, and every block fewer than `residual` tokens of the
@@ -212,8 +276,10 @@ class KiviCodec(KVCodec):
                  head_dim: int, dtype: torch.dtype, device: torch.device, bits: int, max_partial: int,
                  vbits: int | None = None, vgroup: int | None = None, rotate: bool = False,
                  ktoken: bool = False, knorm: bool = False, residual: int | None = None,
-                 sink: int = 0):
+                 sink: int = 0, scale_bits: int = 16):
         vbits = vbits or bits
+        if scale_bits not in (8, 16):
+            raise ValueError(f"kivi scale bits s{scale_bits} must be s8 or s16")
         residual = residual or block_size
         if residual < block_size or residual % block_size:
             raise ValueError(f"kivi window r{residual} must be a multiple of the block size "
@@ -228,11 +294,15 @@ class KiviCodec(KVCodec):
         if vgroup is not None and head_dim % vgroup:
             raise ValueError(f"kivi value group c{vgroup} must divide head_dim {head_dim}")
         self.vgroup = vgroup or (V_GROUP if head_dim % V_GROUP == 0 else head_dim)
-        self.spec = (f"kivi:{bits}:g{block_size}" + (f":v{vbits}" if vbits != bits else "")
-                     + (f":r{residual}" if residual != block_size else "") + (f":sink{sink}" if sink else "")
-                     + (f":c{self.vgroup}" if vgroup else "") + (":rotate" if rotate else "")
+        self.spec = (f"kivi:{bits}:g{block_size}" + (f":r{residual}" if residual != block_size else "")
+                     + (f":sink{sink}" if sink else "") + (f":v{vbits}" if vbits != bits else "")
+                     + (f":c{self.vgroup}" if vgroup else "") + (":s8" if scale_bits == 8 else "")
+                     + (":rotate" if rotate else "")
                      + (":ktok" if ktoken else "") + (":knorm" if knorm else ""))
         self.bits, self.vbits, self.ktoken, self.knorm = bits, vbits, ktoken, knorm
+        self.scale_bits = scale_bits
+        # s8: uint8 scale codes and int8 zeros (asym_quantize8) instead of fp16 scale and zero
+        sdt, zdt = (torch.uint8, torch.int8) if scale_bits == 8 else (torch.float16, torch.float16)
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.dtype, self.num_layers, self.device = dtype, num_layers, torch.device(device)
         if rotate:
@@ -247,10 +317,12 @@ class KiviCodec(KVCodec):
         self.kc, self.vc = zeros(num_blocks, bs, H, P, dt=torch.uint8), zeros(num_blocks, bs, H, PV, dt=torch.uint8)
         ng = D // self.vgroup
         kshape = (num_blocks, bs, H, ng, 1) if ktoken else (num_blocks, 1, H, D)
-        self.ks, self.kz = zeros(*kshape, dt=torch.float16), zeros(*kshape, dt=torch.float16)
+        # s8: keys per channel keep fp16 scale and zero (see the module docstring); ktok keys are as values
+        kdt = (sdt, zdt) if ktoken else (torch.float16, torch.float16)
+        self.ks, self.kz = zeros(*kshape, dt=kdt[0]), zeros(*kshape, dt=kdt[1])
         # knorm: each token's key norm per head (fp16); the per-channel codes hold the unit direction
         self.kn = zeros(num_blocks, bs, H, 1, dt=torch.float16) if knorm else []
-        self.vs, self.vz = zeros(num_blocks, bs, H, ng, 1, dt=torch.float16), zeros(num_blocks, bs, H, ng, 1, dt=torch.float16)
+        self.vs, self.vz = zeros(num_blocks, bs, H, ng, 1, dt=sdt), zeros(num_blocks, bs, H, ng, 1, dt=zdt)
         # the residual: full-precision K/V of blocks still filling, one row per running sequence;
         # with a window (R > G) or sinks, also of each sequence's last R/G - 1 full blocks and
         # first S/G blocks: at most R/G + S/G rows per sequence (rows freed in a step are reused
@@ -273,8 +345,9 @@ class KiviCodec(KVCodec):
     def bytes_per_token(self) -> int | float:
         H, D, bs = self.num_kv_heads, self.head_dim, self.block_size
         codes = D * (self.bits + self.vbits) // 8
-        per_group = 2 * 2 * D // self.vgroup                  # fp16 (scale, zero) per token and group
-        scales = (per_group if self.ktoken else 2 * 2 * D / bs) + per_group  # K per block (or token), V
+        pair = 2 * self.scale_bits // 8                       # bytes of one (scale, zero)
+        per_group = pair * D // self.vgroup                   # (scale, zero) per token and group
+        scales = (per_group if self.ktoken else 2 * 2 * D / bs) + per_group  # K (fp16) per block, or as V; V
         scales += 2 if self.knorm else 0
         per_token = self.num_layers * H * (codes + scales)
         return int(per_token) if per_token == int(per_token) else per_token
@@ -420,7 +493,7 @@ class KiviCodec(KVCodec):
                 norm = keys.norm(dim=-1, keepdim=True).clamp(min=2.0**-14).half()
                 self.kn[layer].index_copy_(0, plan.full_blocks, norm)
                 keys = keys / norm.float()
-            q, s, z = asym_quantize(keys, 1, self.bits)
+            q, s, z = asym_quantize(keys, 1, self.bits)  # fp16 scale and zero, s8 or not
             self.kc[layer].index_copy_(0, plan.full_blocks, pack_codes(q, self.bits))
             self.ks[layer].index_copy_(0, plan.full_blocks, s)
             self.kz[layer].index_copy_(0, plan.full_blocks, z)
@@ -430,15 +503,19 @@ class KiviCodec(KVCodec):
 
     def _write_tokens(self, x, slots, bits, codes, scales, zeros) -> None:
         T, H, D = x.shape
-        q, s, z = asym_quantize(x.float().view(T, H, D // self.vgroup, self.vgroup), -1, bits)
+        q, s, z = self._quantize(x.float().view(T, H, D // self.vgroup, self.vgroup), -1, bits)
         codes.view(-1, H, D * bits // 8).index_copy_(0, slots, pack_codes(q.view(T, H, D), bits))
         scales.view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, s)
         zeros.view(-1, H, D // self.vgroup, 1).index_copy_(0, slots, z)
 
+    def _quantize(self, x, dim, bits):
+        return (asym_quantize8 if self.scale_bits == 8 else asym_quantize)(x, dim, bits)
+
     def _read_tokens(self, rows, bits, codes, scales, zeros) -> torch.Tensor:
         bs, H, D = self.block_size, self.num_kv_heads, self.head_dim
         q = unpack_codes(codes.index_select(0, rows), bits).float().view(-1, bs, H, D // self.vgroup, self.vgroup)
-        return (q * scales.index_select(0, rows).float() + zeros.index_select(0, rows).float()).view(-1, bs, H, D)
+        s, z = dequant_scale_zero(scales.index_select(0, rows), zeros.index_select(0, rows), bits)
+        return (q * s + z).view(-1, bs, H, D)
 
     def read_blocks(self, layer, block_tables):
         B, nblk = block_tables.shape
@@ -448,7 +525,9 @@ class KiviCodec(KVCodec):
             k = self._read_tokens(rows, self.bits, self.kc[layer], self.ks[layer], self.kz[layer])
         else:
             kq = unpack_codes(self.kc[layer].index_select(0, rows), self.bits).float()
-            k = kq * self.ks[layer].index_select(0, rows).float() + self.kz[layer].index_select(0, rows).float()
+            s, z = dequant_scale_zero(self.ks[layer].index_select(0, rows), self.kz[layer].index_select(0, rows),
+                                      self.bits)
+            k = kq * s + z
             if self.knorm:
                 k = k * self.kn[layer].index_select(0, rows).float()
         v = self._read_tokens(rows, self.vbits, self.vc[layer], self.vs[layer], self.vz[layer])

@@ -2,7 +2,7 @@
 
     fp16 | bf16 | fp32                 plain storage in that dtype (read back in the compute dtype)
     fp8:e4m3 | fp8:e5m2                FP8 with a power-of-two scale per token and KV head
-    kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:rotate][:ktok|:knorm]
+    kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:rotate][:ktok|:knorm]
                                        KIVI: BITS 8, 4, 3 or 2 (or int8 / int4 / int3 / int2); keys per
                                        channel over groups of G tokens (G = the cache block size),
                                        values per token over groups of C channels (default 32) with
@@ -11,6 +11,9 @@
                                        first S tokens (sinkS, default 0) are also read in full
                                        precision (R, S multiples of G; R > G or S > 0 need
                                        prefix caching off);
+                                       `s8`: every group's scale and zero in 8 bits each (a
+                                       log-grid scale code, an int8 zero in units of the scale)
+                                       instead of fp16 (s16, the default);
                                        `rotate`: a per-head Walsh-Hadamard rotation of q, k, v before
                                        the cache (undone on the attention output), q.k unchanged;
                                        `ktok`: keys per token over C channels too, as values;
@@ -31,8 +34,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:rotate][:ktok|:knorm] "
-           "(BITS, VBITS 8, 4, 3 or 2; R, S multiples of G, R >= G), "
+ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:rotate][:ktok|:knorm] "
+           "(BITS, VBITS 8, 4, 3 or 2; R, S multiples of G, R >= G; s8: 8-bit scales and zeros), "
            "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16), xquant:BITS[:gG][:cl] (BITS 8, 4, 3 or 2), "
            "minicache[:START][:T][:GAMMA][+INNER] (T, GAMMA in [0, 1]; INNER one of the above but xquant)")
 PLAIN = ("fp16", "bf16", "fp32")
@@ -57,6 +60,7 @@ class KVSpec:
     knorm: bool = False          # kivi: per-token key norms (fp16), per-channel quantized directions
     residual: int = 0            # kivi: full-precision window R in tokens (0: R = G, the partial block)
     sink: int = 0                # kivi: first S tokens of each sequence kept in full precision
+    scale8: bool = False         # kivi: 8-bit scale codes and int8 zeros instead of fp16 (s8)
     cl: bool = False             # xquant: cross-layer deltas of the residual stream
     start: int | None = None     # minicache: first merged layer (None: the middle)
     t: float = 0.6               # minicache: SLERP factor
@@ -114,9 +118,12 @@ class KVSpec:
                                  "of the group G, kept in full precision at the start of each sequence)")
             sink = int(sinks[0][4:]) if sinks else 0
             o = _options([x for x in opts[1:] if not x.startswith("sink")],
-                         {"g": "group", "r": "residual", "v": "value bits", "c": "value group"},
+                         {"g": "group", "r": "residual", "v": "value bits", "c": "value group",
+                          "s": "scale bits"},
                          ("rotate", "ktok", "knorm"))
             group, residual, vbits = o.get("g"), o.get("r"), o.get("v", 0)
+            if o.get("s", 16) not in (8, 16):
+                raise ValueError(f"kivi scale bits s{o['s']} must be s8 (8-bit scale and zero) or s16 (fp16, the default)")
             if vbits and vbits not in KIVI_BITS:
                 raise ValueError(f"kivi value bits v{vbits} must be v8, v4, v3 or v2")
             if residual is not None and group and residual < group:
@@ -131,7 +138,7 @@ class KVSpec:
             return cls("kivi", bits=bits, group=group, vbits=0 if vbits == bits else vbits,
                        vgroup=o.get("c", 0), rotate="rotate" in o, ktoken="ktok" in o,
                        knorm="knorm" in o, residual=0 if residual == group else (residual or 0),
-                       sink=sink)
+                       sink=sink, scale8=o.get("s") == 8)
         if head == "xquant" and opts:
             o = _options(opts[1:], {"g": "group"}, ("cl",))
             return cls("xquant", bits=_bits(opts[0], "xquant"), block=o.get("g", XQUANT_DEFAULT_GROUP), cl="cl" in o)
@@ -154,7 +161,7 @@ class KVSpec:
             return (f"kivi:{self.bits}" + (f":g{self.group}" if self.group else "")
                     + (f":r{self.residual}" if self.residual else "") + (f":sink{self.sink}" if self.sink else "")
                     + (f":v{self.vbits}" if self.vbits else "") + (f":c{self.vgroup}" if self.vgroup else "")
-                    + (":rotate" if self.rotate else "") + (":ktok" if self.ktoken else "")
+                    + (":s8" if self.scale8 else "") + (":rotate" if self.rotate else "") + (":ktok" if self.ktoken else "")
                     + (":knorm" if self.knorm else ""))
         if self.kind == "xquant":
             return f"xquant:{self.bits}:g{self.block}" + (":cl" if self.cl else "")
@@ -216,7 +223,8 @@ def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_s
         return KiviCodec(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
                          bits=spec.bits, max_partial=max_seqs, vbits=spec.vbits or spec.bits,
                          vgroup=spec.vgroup or None, rotate=spec.rotate, ktoken=spec.ktoken,
-                         knorm=spec.knorm, residual=spec.residual or None, sink=spec.sink)
+                         knorm=spec.knorm, residual=spec.residual or None, sink=spec.sink,
+                         scale_bits=8 if spec.scale8 else 16)
     if spec.kind == "bfp":
         from leanlm.kv.bfp import BfpCodec
 

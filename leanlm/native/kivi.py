@@ -6,6 +6,7 @@ import ctypes
 import torch
 
 from leanlm import native
+from leanlm.kv.quantized import S8_TABLE, s8_zero_unit
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _fn = None
@@ -18,7 +19,7 @@ def kernel():
         if lib is not None:
             f = lib.kivi_decode_attention
             f.argtypes = [_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P,
-                          _I, _I, _I, _P, _P, _P, _I, _F, _P]
+                          _I, _I, _I, _P, _F, _P, _P, _P, _I, _F, _P]
             f.restype = _I
             _fn = f
     return _fn if native.enabled() else None
@@ -41,11 +42,15 @@ def decode_attention(codec, layer: int, q: torch.Tensor, tables: torch.Tensor,
     tables, lens = tables.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
     out = torch.empty(B, Hq, D, dtype=torch.float32)
     kn = codec.kn[layer] if codec.knorm else None
+    s8 = codec.scale_bits == 8  # values: uint8 scale codes into S8_TABLE, int8 zeros in units of the scale
+    table = S8_TABLE.contiguous() if s8 else None
     rc = fn(qf.data_ptr(), B, Hq, codec.num_kv_heads, D, tables.data_ptr(), tables.shape[1],
             lens.data_ptr(), codec.block_size,
             codec.kc[layer].data_ptr(), codec.ks[layer].data_ptr(), codec.kz[layer].data_ptr(), _ptr(kn),
             codec.vc[layer].data_ptr(), codec.vs[layer].data_ptr(), codec.vz[layer].data_ptr(),
-            codec.bits, codec.vbits, codec.vgroup, codec.res_row.data_ptr(),
+            codec.bits, codec.vbits, codec.vgroup,
+            _ptr(table), s8_zero_unit(codec.vbits) if s8 else 0.0,
+            codec.res_row.data_ptr(),
             codec.rk[layer].data_ptr(), codec.rv[layer].data_ptr(), int(codec.dtype == torch.bfloat16),
             D ** -0.5, out.data_ptr())
     if rc != 0:

@@ -9,6 +9,10 @@ of 16:
   keys, per channel over a block (k = s_c * code + z_c):  q.k = sum_c (q_c s_c) code_c + q.z
     - q*s and q.z are computed once per block and shared by the block's tokens;
   values, per token over channel groups (v = s_g * code + z_g): accumulated as p_t * v.
+With `s8` (8-bit scales) a scale is the uint8 code of an entry of the table s8_table (256
+floats, KiviCodec's S8_TABLE, passed in so both paths use the same floats) and a zero the int8
+count of units u * s (u = vzunit): z = zc * (s * u), as dequant_scale_zero computes it. s8 is
+for values only: keys per channel keep fp16 scale and zero.
 Blocks still in full precision (res_row[block] >= 0: the one being filled, a window or sink
 block) are read from the residual rows as stored. Query heads sharing a KV head are handled
 together, so each code is unpacked once per KV head. Parallel over (sequence, KV head). */
@@ -19,6 +23,19 @@ together, so each code is unpacked once per KV head. Parallel over (sequence, KV
 
 static inline float h2f(uint16_t h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
 static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* scale and zero i of a group: fp16 pairs (s8_table NULL) or (uint8 code, int8 zero in units of unit * s) */
+static inline void scale_zero(const void *s, const void *z, size_t i, const float *s8_table, float unit,
+                              float *so, float *zo) {
+    if (s8_table) {
+        const float sc = s8_table[((const uint8_t *)s)[i]];
+        *so = sc;
+        *zo = (float)((const int8_t *)z)[i] * (sc * unit);
+    } else {
+        *so = h2f(((const uint16_t *)s)[i]);
+        *zo = h2f(((const uint16_t *)z)[i]);
+    }
+}
 
 /* packed codes of one token and head -> D floats (layouts of pack_codes in kv/quantized.py) */
 static inline void unpack(const uint8_t *p, int bits, int D, float *out) {
@@ -48,14 +65,17 @@ static inline void load_row(const void *base, int bf16, size_t idx, int D, float
 
 /* q [B, Hq, D] float32; tables [B, nblk] block ids; lens [B] tokens each query attends to;
    kc [blocks, bs, H, D*kbits/8], ks/kz [blocks, 1, H, D] fp16, kn [blocks, bs, H] fp16 or NULL,
-   vc [blocks, bs, H, D*vbits/8], vs/vz [blocks, bs, H, D/vgroup] fp16,
+   vc [blocks, bs, H, D*vbits/8], vs/vz [blocks, bs, H, D/vgroup] fp16;
+   with s8_table (not NULL), vs are uint8 codes into it and vz int8 zeros in units of vzunit
+   scales (keys' ks/kz stay fp16);
    res_row [blocks], rk/rv [rows, bs, H, D] (float32, or bfloat16 when res_bf16);
    out [B, Hq, D] float32. Returns 0, or -1 for sizes it does not handle. */
 int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                           const int64_t *tables, int nblk, const int64_t *lens, int bs,
-                          const uint8_t *kc, const uint16_t *ks, const uint16_t *kz, const uint16_t *kn,
-                          const uint8_t *vc, const uint16_t *vs, const uint16_t *vz,
+                          const uint8_t *kc, const void *ks, const void *kz, const uint16_t *kn,
+                          const uint8_t *vc, const void *vs, const void *vz,
                           int kbits, int vbits, int vgroup,
+                          const float *s8_table, float vzunit,
                           const int64_t *res_row, const void *rk, const void *rv, int res_bf16,
                           float scale, float *out) {
     const int G = Hq / H;
@@ -84,12 +104,14 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     }
                     continue;
                 }
-                const uint16_t *s_c = ks + ((size_t)block * H + h) * D, *z_c = kz + ((size_t)block * H + h) * D;
+                const size_t kbase = ((size_t)block * H + h) * D;
+                float s_c[MAXD], z_c[MAXD];
+                for (int d = 0; d < D; d++) scale_zero(ks, kz, kbase + d, NULL, 0.f, &s_c[d], &z_c[d]);
                 for (int g = 0; g < G; g++) {
                     float c = 0.f;
                     for (int d = 0; d < D; d++) {
-                        qs[g][d] = qh[g * D + d] * h2f(s_c[d]);
-                        c += qh[g * D + d] * h2f(z_c[d]);
+                        qs[g][d] = qh[g * D + d] * s_c[d];
+                        c += qh[g * D + d] * z_c[d];
                     }
                     c0[g] = c;
                 }
@@ -120,7 +142,8 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     else {
                         unpack(vc + tok * PV, vbits, D, buf);
                         for (int c = 0; c < ng; c++) {
-                            const float s = h2f(vs[tok * ng + c]), z = h2f(vz[tok * ng + c]);
+                            float s, z;
+                            scale_zero(vs, vz, tok * ng + c, s8_table, vzunit, &s, &z);
                             for (int d = c * vgroup; d < (c + 1) * vgroup; d++) buf[d] = buf[d] * s + z;
                         }
                     }

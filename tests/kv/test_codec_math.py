@@ -176,3 +176,69 @@ def test_kivi_key_norms_scale_quantized_directions():
     assert ((codec.kn[0][0].double() - n).abs() <= n * 2.0**-10).all()  # the norm, to fp16's precision
     with pytest.raises(ValueError, match="knorm .* and ktok exclude each other"):
         KiviCodec(L, NB, BS, H, D, torch.float32, CPU, 4, max_partial=2, knorm=True, ktoken=True)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_s8_value_scales_error_bound(bits):
+    """s8: each value group's scale is a uint8 code into S8_TABLE (2^((c - 168) / 12)) and its zero
+    an int8 count of s8_zero_unit(bits) scales. Against float64: |v - v_hat| <= s / 2 (plus float32
+    rounding of x - z, the division and code * s + z); the scale is the smallest table entry >= the
+    range / qmax (or >= |min| / (128 u) when the zero needs it); keys keep fp16 scale and zero
+    (same bound and values as without s8); bytes: one (uint8, int8) per value group."""
+    from leanlm.kv.quantized import S8_TABLE, s8_zero_unit
+
+    qmax, C = (1 << bits) - 1, 16
+    codec = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, bits, max_partial=2, vgroup=C, scale_bits=8)
+    ref = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, bits, max_partial=2, vgroup=C)
+    n = 3 * BS
+    k, v = write_blocks(codec, n)
+    v[7, 1, C:2 * C] += 200.0  # a group far from 0 (more than 32 quarter steps at 2-4 bits): the zero limits the scale
+    for layer in range(L):
+        codec.write(layer, torch.arange(n), k, v)
+    write_blocks(ref, n)
+    assert codec.vs[0].dtype == torch.uint8 and codec.vz[0].dtype == torch.int8
+    kh, vh = codec.read_slots(1, 0, n)
+    vh, v64 = vh.double(), v.double()
+    u = s8_zero_unit(bits)
+    s = S8_TABLE.double()[codec.vs[1].view(-1, H, D // C, 1)[:n].long()]          # [n, H, groups, 1]
+    zq = codec.vz[1].view(-1, H, D // C, 1)[:n].double()
+    groups = v64.view(n, H, D // C, C)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    need = torch.maximum(torch.maximum((hi - lo) / qmax, -lo / (128 * u)),
+                         torch.maximum(lo / (127 * u), torch.full_like(lo, 2.0**-14)))
+    assert (s >= need).all() and (s < need * 2 ** (1 / 12) * (1 + 2.0**-20)).all()  # one grid step at most
+    assert ((zq * u * s - lo).abs() <= u * s / 2 * (1 + 2.0**-20)).all()           # the zero: min, to u s / 2
+    assert need[7, 1, 1] > (hi - lo)[7, 1, 1] / qmax                             # the far group: the zero's bound
+    err = (vh.view(n, H, D // C, C) - groups).abs()
+    bound = s * (0.5 + 2.0**-22 * (qmax + 128 * u + 2)) + 2.0**-22 * groups.abs()
+    assert (err <= bound).all()
+    assert (err.amax(-1, keepdim=True) > s / 4).any()  # the bound is not vacuous
+    # keys: unchanged by s8
+    rk, _ = ref.read_slots(1, 0, n)
+    assert torch.equal(kh, rk) and codec.ks[1].dtype == torch.float16
+    per_head_layer = 2 * D * bits // 8 + 2 * 2 * D // BS + 2 * D // C
+    assert codec.bytes_per_token() == L * H * per_head_layer
+    allocated = sum(t.numel() * t.element_size() for t in codec.tensors())
+    assert codec.allocated_bytes() == allocated == NB * BS * codec.bytes_per_token() + codec.fixed_bytes()
+
+
+def test_s8_costs_little_over_fp16_scales():
+    """On K/V-like data, 4-bit values with 8-bit scale and zero have an RMS error within 5% of
+    fp16 scale and zero (the scale rounds up by < 2^(1/12), the zero moves by < 1/8 step)."""
+    errs = {}
+    for sb in (16, 8):
+        codec = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, 4, max_partial=2, vgroup=64, scale_bits=sb)
+        _, v = write_blocks(codec, 4 * BS, seed=3)
+        _, vh = codec.read_slots(0, 0, 4 * BS)
+        errs[sb] = (vh.double() - v.double()).pow(2).mean().sqrt().item()
+    assert errs[16] < errs[8] < 1.05 * errs[16]
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("kivi:4:g64:v3:c64:s8:rotate", "kivi:4:g64:v3:c64:s8:rotate"),
+    ("kivi:4:s16", "kivi:4"), ("kivi:2:g16:r48:sink16:c16:s8", "kivi:2:g16:r48:sink16:c16:s8")])
+def test_s8_spec(text, spec):
+    assert str(KVSpec.parse(text)) == spec
+    with pytest.raises(ValueError, match=r"s4 must be s8 .* or s16") as e:
+        KVSpec.parse("kivi:4:s4")
+    assert "[:s8]" in str(e.value)

@@ -31,7 +31,11 @@ def run(path, kv, dtype, monkeypatch, native_on: bool):
 @pytest.mark.parametrize("kv, dtype", [
     ("kivi:4", "float32"), ("kivi:8:g16", "float32"), ("kivi:2:g16:v3:c16", "float32"),
     ("kivi:3:g16:knorm", "float32"), ("kivi:4:g16:c16:rotate", "float32"),
-    ("kivi:2:g16:r48:sink16", "float32"), ("kivi:4:g16", "bfloat16")])
+    ("kivi:2:g16:r48:sink16", "float32"), ("kivi:4:g16", "bfloat16"),
+    # s8: 8-bit scale codes and int8 zeros (keys per block, values per token group)
+    ("kivi:4:g16:v3:c8:s8:rotate", "float32"), ("kivi:2:g16:c16:s8", "float32"),
+    ("kivi:8:g16:s8", "float32"), ("kivi:3:g16:s8:knorm", "float32"),
+    ("kivi:4:g16:sink16:v2:c16:s8", "float32"), ("kivi:4:g16:s8", "bfloat16")])
 def test_fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, kv, dtype):
     path = str(tiny_model_dir("llama"))
     fused, calls = run(path, kv, dtype, monkeypatch, True)
@@ -48,16 +52,22 @@ def test_fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, 
                 assert abs(la[t].logprob - lb[t].logprob) < tol, (kv, t)
 
 
-def test_kernel_catches_a_wrong_key_scale(tiny_model_dir, monkeypatch):
-    """Negative control: corrupting the key scales the kernel reads changes its output, so the
-    comparison above would notice a kernel that ignored them."""
+@pytest.mark.parametrize("kv, corrupt", [
+    ("kivi:4:g16", lambda c: c.ks[0][0].mul_(3)),
+    ("kivi:4:g16:s8", lambda c: c.ks[0][0].add_(12)),   # 8-bit key scale codes: x2
+    ("kivi:4:g16:s8", lambda c: c.kz[0][0].add_(8)),    # key zeros: +2 scales
+    ("kivi:4:g16:s8", lambda c: c.vz[0][0].add_(8)),    # value zeros
+])
+def test_kernel_catches_a_wrong_scale(tiny_model_dir, kv, corrupt):
+    """Negative control: corrupting the scales or zeros the kernel reads changes its output, so
+    the comparison above would notice a kernel that ignored them."""
     path = str(tiny_model_dir("llama"))
-    llm = LLM(path, dtype="float32", kv="kivi:4:g16", enable_prefix_caching=False)
+    llm = LLM(path, dtype="float32", kv=kv, enable_prefix_caching=False)
     llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4))
     codec = llm.engine.cache.codec
     q = torch.randn(1, llm.engine.model.cfg.num_heads, llm.engine.model.cfg.head_dim)
     tables, lens = torch.tensor([[0, 1]]), torch.tensor([20])
     a = codec.decode_attention(0, q, tables, lens)
-    codec.ks[0][0].mul_(3)
+    corrupt(codec)
     b = codec.decode_attention(0, q, tables, lens)
     assert a is not None and (a - b).abs().max() > 1e-3
