@@ -37,7 +37,7 @@ kivi:4:g64:v3:c64:rotate +3.7% over bf16; with 8-bit scale and int8 zero on keys
 with 8-bit key scales and fp16 zeros +5.2%; 8-bit value scales alone +3.4%): a key channel far
 from 0 with a narrow range needs a zero finer than int8 steps can place, and the keys' error
 goes straight into every score of the block. Over the first 4 WikiText windows the value-only
-s8 codec still costs +1.2% (docs/BENCHMARKS.md). The fused kernel reads the codes and the
+s8 codec measured +5.3% (fp16 scales: +4.0% in an earlier session; docs/BENCHMARKS.md). The fused kernel reads the codes and the
 S8_TABLE floats the torch path uses.
 
 Window and sinks (`rR` with R > G, `sinkS`; R, S multiples of G). Full blocks are still quantized
