@@ -22,7 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --quant: quantize the LM head too (default: it stays in the compute dtype)")
     p.add_argument("--kv", default=None, metavar="SPEC",
                    help="KV cache codec: fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, "
-                        "kivi:BITS[:gG][:vVBITS][:cC][:rotate] (8/4/3/2 bits), bfp:MANTISSA[:bBLOCK][:reorder], "
+                        "kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:rotate][:ktok|:knorm] (8/4/3/2 bits), "
+                        "bfp:MANTISSA[:bBLOCK][:reorder], "
                         "xquant:BITS[:gG][:cl], minicache[:START][:T][:GAMMA][+INNER] "
                         "(default: the compute dtype)")
     p.add_argument("--spec", default=None, metavar="SPEC",

@@ -38,7 +38,7 @@ def weight_method_factory(config: EngineConfig):
     the LM head with quant_head), the fastest unquantized method for the rest."""
     dtype, device, spec = config.torch_dtype, config.torch_device, config.quant_spec
     if spec is None:
-        return lambda name: default_method(dtype, device)
+        return lambda name: default_method(dtype, device, config.compile)
     if spec.algorithm != "rtn":
         raise ValueError(f"quant spec {str(spec)!r}: only round-to-nearest ('rtn:FORMAT[:gN][:rotate]') "
                          f"is applied at load time; GPTQ needs calibration: `leanlm quantize --quant "
@@ -50,7 +50,7 @@ def weight_method_factory(config: EngineConfig):
 
     def method(name: str):
         if name == "lm_head" and not config.quant_head:
-            return default_method(dtype, device)
+            return default_method(dtype, device, config.compile)
         return WeightOnlyMethod.from_spec(fmt, spec)
 
     return method

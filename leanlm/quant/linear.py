@@ -90,9 +90,13 @@ def onednn_available(dtype: torch.dtype, device: torch.device) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
-def default_method(dtype: torch.dtype, device: torch.device) -> QuantMethod:
+def default_method(dtype: torch.dtype, device: torch.device, compile: bool = False) -> QuantMethod:
+    """The fastest unquantized method. With compile=True float32 stays a plain F.linear: inductor's
+    freezing prepacks it for MKL inside the graph (36.3 tok/s tg128), while the native kernel
+    would be an opaque custom op there (33.4 tok/s, measured back to back); the native kernel's
+    gain is at 2..16 rows, which the compiled single-stream decode never has."""
     if onednn_available(dtype, device):
         return OneDNNPrepackedMethod()
     from leanlm.native import gemm
 
-    return PackedFloat32Method() if gemm.available(dtype, device) else UnquantizedMethod()
+    return PackedFloat32Method() if not compile and gemm.available(dtype, device) else UnquantizedMethod()

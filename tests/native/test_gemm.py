@@ -108,3 +108,12 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path):
     assert first.parent == tmp_path / "native" and first.exists()
     mtime = first.stat().st_mtime_ns
     assert native.build("sgemm") == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+
+
+def test_compiled_engine_keeps_plain_linears(tiny_model_dir):
+    """--compile: inductor prepacks F.linear itself (faster there than the opaque native op)."""
+    from leanlm import LLM
+
+    model = LLM(str(tiny_model_dir("llama")), dtype="float32", compile=True).engine.model
+    assert model.layers[0].mlp.down_proj.method.name == "none" and model.lm_head.method.name == "none"
+    assert "weight" in dict(model.layers[0].mlp.down_proj.named_parameters())
