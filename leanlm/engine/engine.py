@@ -37,8 +37,9 @@ def weight_method_factory(config: EngineConfig):
     """Layer name -> QuantMethod: the `quant` spec's format for the decoder's linear layers (and
     the LM head with quant_head), the fastest unquantized method for the rest."""
     dtype, device, spec = config.torch_dtype, config.torch_device, config.quant_spec
+    compile = getattr(config, "compile", False)  # draft models pass a namespace without it
     if spec is None:
-        return lambda name: default_method(dtype, device, config.compile)
+        return lambda name: default_method(dtype, device, compile)
     if spec.algorithm != "rtn":
         raise ValueError(f"quant spec {str(spec)!r}: only round-to-nearest ('rtn:FORMAT[:gN][:rotate]') "
                          f"is applied at load time; GPTQ needs calibration: `leanlm quantize --quant "
@@ -50,7 +51,7 @@ def weight_method_factory(config: EngineConfig):
 
     def method(name: str):
         if name == "lm_head" and not config.quant_head:
-            return default_method(dtype, device, config.compile)
+            return default_method(dtype, device, compile)
         return WeightOnlyMethod.from_spec(fmt, spec)
 
     return method
