@@ -51,6 +51,20 @@ class KVCodec:
     def release(self, blocks: list[int]) -> None:
         """The blocks of a sequence are being freed (a codec with per-block state drops it)."""
 
+    def plan_step(self, seqs, slots: torch.Tensor) -> None:
+        """Called once per step with the step's sequence slices and slot mapping, before any
+        write: a codec whose storage depends on where a block sits in its sequence (kivi's rR
+        window, sinkS) plans the step here."""
+
+    fused_decode: bool = False  # decode_attention may compute attention on the stored form
+
+    def decode_attention(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
+                         lens: torch.Tensor) -> torch.Tensor | None:
+        """One query per sequence, q [B, Hq, D], attending to its blocks (block_tables [B, nblk],
+        lens [B] tokens each) straight from the stored form -> [B, Hq, D]; None: the cache reads
+        the blocks (read_blocks / read_slots) and runs SDPA instead."""
+        return None
+
 
 class PlainCodec(KVCodec):
     """K/V kept in a float dtype (default: the model's): one [num_slots, Hkv, D] tensor per layer

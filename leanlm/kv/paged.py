@@ -36,7 +36,10 @@ class _DecodeGroup:
     first_slot: int | None                        # one sequence with adjacent blocks: read a view
     block_tables: torch.Tensor | None             # else [B, nblk], padded with block 0
     mask: torch.Tensor | None                     # [B, 1, 1, kv_len]
-    lens: list[int] = field(default_factory=list)  # each sequence's context, its new token included
+    # for a codec's fused decode attention, built once per step: block ids [B, nblk] (also for an
+    # adjacent run) and each sequence's context [B], its new token included
+    fused_tables: torch.Tensor | None = None
+    fused_lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -82,6 +85,8 @@ class PagedKVCache(KVCache):
         self.blockwise = codec.blockwise  # quantizes whole blocks as they fill
         self.rope_keys, self.wants_layer_input = codec.rope_keys, codec.wants_layer_input
         self.layer_input = None  # set by the model before each attend when wants_layer_input
+        # the codec's own decode attention (a sliding window's mask is not passed to it)
+        self.fused_decode = codec.fused_decode and sliding_window is None
 
     # -- room for sequences (called by the scheduler) -------------------------------------------
     def admit(self, token_ids: list[int], max_len: int) -> tuple[BlockTable, int]:
@@ -157,9 +162,7 @@ class PagedKVCache(KVCache):
                     blocks = torch.tensor([s.kv.blocks[:nblk]], dtype=torch.long, device=self.device)
             ctx.prefills.append(_Prefill(s.start, s.n, s.q_offset, first, blocks,
                                          prefill_mask(s.start, s.n, self.window, self.device)))
-        plan = getattr(self.codec, "plan_step", None)
-        if plan is not None:  # codecs that track each sequence's blocks (kivi's rR window, sinkS)
-            plan(seqs, ctx.slot_mapping)
+        self.codec.plan_step(seqs, ctx.slot_mapping)
         return ctx
 
     def _decode_group(self, group: list[SeqSlice]) -> _DecodeGroup:
@@ -177,13 +180,12 @@ class PagedKVCache(KVCache):
         if first is None:
             padded = [s.kv.blocks[:nblk] + [0] * (nblk - min(nblk, len(s.kv.blocks))) for s in group]
             tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-        return _DecodeGroup(rows, kv_len, first, tables, decode_mask(lens, self.window, self.device), lens)
-
-    def _tables(self, d: _DecodeGroup) -> torch.Tensor:
-        if d.block_tables is not None:
-            return d.block_tables
-        first = d.first_slot // self.block_size  # one sequence on adjacent blocks
-        return torch.arange(first, first + -(-d.kv_len // self.block_size), device=self.device).unsqueeze(0)
+        dg = _DecodeGroup(rows, kv_len, first, tables, decode_mask(lens, self.window, self.device))
+        if self.fused_decode:
+            dg.fused_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
+            dg.fused_tables = tables if tables is not None else torch.arange(
+                first // bs, first // bs + nblk, device=self.device).unsqueeze(0)
+        return dg
 
     def attend(self, layer: int, q, k, v, ctx: PagedContext) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the flattened batch -> [T, Hq, D]."""
@@ -195,10 +197,9 @@ class PagedKVCache(KVCache):
         else:
             self.codec.write(layer, ctx.slot_mapping, k, v)
         out = torch.empty_like(q)
-        fused = getattr(self.codec, "decode_attention", None) if self.window is None else None
         for d in ctx.decodes:
-            if fused is not None:  # attention computed on the stored codes, no dequantized copy
-                o = fused(layer, q[d.rows], self._tables(d), torch.tensor(d.lens))
+            if d.fused_tables is not None:  # attention computed on the stored codes, no dequantized copy
+                o = self.codec.decode_attention(layer, q[d.rows], d.fused_tables, d.fused_lens)
                 if o is not None:
                     out[d.rows] = o
                     continue

@@ -539,6 +539,8 @@ class KiviCodec(KVCodec):
             v[partial] = self.rv[layer].index_select(0, res[partial])
         return k.view(B, nblk * bs, H, D), v.view(B, nblk * bs, H, D)
 
+    fused_decode = True
+
     def decode_attention(self, layer, q, block_tables, lens):
         """One query per sequence attending to its blocks straight from the codes (the native
         kernel in leanlm/native/kivi_attention.c); None where it does not apply (no compiler,

@@ -1,9 +1,9 @@
 """Float32 linear layers on the packed small-M kernel of sgemm.c (see there for why).
 
 `pack(w)` turns a [N, K] weight into 16-column panels [ceil(N/16), K, 16]; `linear(x, packed, N,
-bias)` computes x @ w.T + bias for any number of rows. Rows beyond SMALL_M (prefill) run the
-same kernel tiled by 12 rows, within a few percent of MKL at 512 rows on the machines measured,
-so the model keeps one copy of each weight. Inside torch.compile the call is the custom op
+bias)` computes x @ w.T + bias for any number of rows. Prefill (hundreds of rows) runs the same
+kernel tiled by 12 rows, within a few percent of MKL at 512 rows on the machines measured, so the
+model keeps one copy of each weight. Inside torch.compile the call is the custom op
 `leanlm::packed_linear` (opaque to inductor, a shape-only fake for tracing).
 """
 from __future__ import annotations

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.native import gemm  # builds nothing until a model asks for the kernel
+
 
 class QuantMethod:
     """Interface. `create_weights` registers parameters on the layer; `apply` computes x @ W.T + b."""
@@ -67,22 +69,12 @@ class PackedFloat32Method(QuantMethod):
     def process_after_loading(self, layer):
         if "packed_weight" in layer._buffers:
             return
-        from leanlm.native import gemm
-
         layer.register_buffer("packed_weight", gemm.pack(layer.weight.data.float()), persistent=False)
         # a tied LM head drops only its own reference: the embedding keeps the matrix
         del layer._parameters["weight"]
 
     def apply(self, layer, x):
-        if torch.compiler.is_compiling():
-            return _gemm().packed_linear(x, layer.packed_weight, layer.out_features, layer.bias)
-        return _gemm().linear_(x, layer.packed_weight, layer.out_features, layer.bias)
-
-
-def _gemm():
-    from leanlm.native import gemm  # imported on first use: builds nothing until a model needs it
-
-    return gemm
+        return gemm.linear(x, layer.packed_weight, layer.out_features, layer.bias)
 
 
 def onednn_available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -97,6 +89,4 @@ def default_method(dtype: torch.dtype, device: torch.device, compile: bool = Fal
     gain is at 2..16 rows, which the compiled single-stream decode never has."""
     if onednn_available(dtype, device):
         return OneDNNPrepackedMethod()
-    from leanlm.native import gemm
-
     return PackedFloat32Method() if not compile and gemm.available(dtype, device) else UnquantizedMethod()
