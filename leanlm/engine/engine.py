@@ -52,7 +52,9 @@ def weight_method_factory(config: EngineConfig):
     def method(name: str):
         if name == "lm_head" and not config.quant_head:
             return default_method(dtype, device, compile)
-        return WeightOnlyMethod.from_spec(fmt, spec)
+        m = WeightOnlyMethod.from_spec(fmt, spec)
+        m.native = not compile  # a native kernel is an opaque op to inductor: compile keeps torch's
+        return m
 
     return method
 
@@ -83,7 +85,7 @@ class LLMEngine:
             if config.quant_spec is not None:
                 raise ValueError(f"{self.model_path} is already a quantized checkpoint; drop "
                                  f"quant={config.quant!r} (or quantize the original model instead)")
-            self.model, self.model_config = load_quantized(self.model_path, dtype, device)
+            self.model, self.model_config = load_quantized(self.model_path, dtype, device, config.compile)
         else:
             from leanlm.kv.bfp import fold_key_order, key_pair_order
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from leanlm.native import ops as native_ops
+
 
 class KVCodec:
     """Storage of K/V for `num_slots` token slots of every layer (slot = block * block_size + offset)."""
@@ -82,6 +84,10 @@ class PlainCodec(KVCodec):
         shape = (num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
+        # float32 on the CPU: attention straight from the pages (leanlm/native/ops.c), no
+        # gather, transposes or SDPA setup per layer
+        self.fused_decode = (storage == torch.float32 and dtype == torch.float32
+                             and torch.device(device).type == "cpu" and native_ops.available())
 
     def tensors(self) -> list[torch.Tensor]:
         return self.k + self.v
@@ -100,6 +106,12 @@ class PlainCodec(KVCodec):
         v = torch.index_select(self.v[layer].view(-1, per_block), 0, rows)
         out = (B, nblk * self.block_size, self.num_kv_heads, self.head_dim)
         return k.view(out).to(self.dtype), v.view(out).to(self.dtype)  # .to: no copy when same dtype
+
+    def decode_attention(self, layer, q, block_tables, lens):
+        if torch.compiler.is_compiling():
+            return None
+        return native_ops.paged_attention(q, self.k[layer], self.v[layer], block_tables, lens,
+                                          self.block_size)
 
     def read_slots(self, layer, first_slot, length):
         end = first_slot + length

@@ -26,6 +26,14 @@ class _Prefill:
     first_slot: int | None             # blocks adjacent: read slots first_slot.. as a view
     blocks: torch.Tensor | None        # else: the blocks to gather, [1, nblk]
     mask: torch.Tensor | None
+    # a short chunk on an exact codec with fused decode attention: each row attends like a
+    # decode step (block ids [n, nblk], contexts [n]), so verifying k drafts computes exactly
+    # what k + 1 decode steps would
+    fused_tables: torch.Tensor | None = None
+    fused_lens: torch.Tensor | None = None
+
+
+FUSED_ROWS_MAX = 33  # chunks up to this many rows (a verification of 32 drafts) attend row by row
 
 
 @dataclass
@@ -87,6 +95,9 @@ class PagedKVCache(KVCache):
         self.layer_input = None  # set by the model before each attend when wants_layer_input
         # the codec's own decode attention (a sliding window's mask is not passed to it)
         self.fused_decode = codec.fused_decode and sliding_window is None
+        # ... also for the rows of short chunks (speculative verification), where the codec
+        # stores exactly what was written, so a row equals the decode step it stands for
+        self.fused_rows = self.fused_decode and codec.exact
 
     # -- room for sequences (called by the scheduler) -------------------------------------------
     def admit(self, token_ids: list[int], max_len: int) -> tuple[BlockTable, int]:
@@ -160,8 +171,13 @@ class PagedKVCache(KVCache):
                 first = _adjacent_start(s.kv.blocks, nblk, bs)
                 if first is None:
                     blocks = torch.tensor([s.kv.blocks[:nblk]], dtype=torch.long, device=self.device)
-            ctx.prefills.append(_Prefill(s.start, s.n, s.q_offset, first, blocks,
-                                         prefill_mask(s.start, s.n, self.window, self.device)))
+            p = _Prefill(s.start, s.n, s.q_offset, first, blocks,
+                         prefill_mask(s.start, s.n, self.window, self.device))
+            if self.fused_rows and s.n <= FUSED_ROWS_MAX:
+                table = torch.tensor(s.kv.blocks[:nblk], dtype=torch.long, device=self.device)
+                p.fused_tables = table.expand(s.n, nblk).contiguous()
+                p.fused_lens = torch.arange(s.start + 1, end + 1, device=self.device)
+            ctx.prefills.append(p)
         self.codec.plan_step(seqs, ctx.slot_mapping)
         return ctx
 
@@ -215,6 +231,11 @@ class PagedKVCache(KVCache):
         for p in ctx.prefills:
             sl = slice(p.q_offset, p.q_offset + p.n)
             end = p.start + p.n
+            if p.fused_tables is not None:
+                o = self.codec.decode_attention(layer, q[sl], p.fused_tables, p.fused_lens)
+                if o is not None:
+                    out[sl] = o
+                    continue
             if p.first_slot is not None:
                 keys, values = self.codec.read_slots(layer, p.first_slot, end)
             elif p.blocks is not None:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.native import ops as native_ops
 from leanlm.quant.linear import QuantMethod, UnquantizedMethod
 
 
@@ -56,13 +57,18 @@ class Linear(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            # a packed float32 layer keeps only its panels: `weight` reads back an unpacked copy
-            packed = self._buffers.get("packed_weight") if name == "weight" else None
-            if packed is None:
-                raise
             from leanlm.native.gemm import unpack
 
-            return unpack(packed, self.out_features)
+            # packed layers keep only their panels: `weight` (float32) and `quantized` (native
+            # int8: the QuantizedTensor without codes, plus the panels) read back unpacked copies
+            if name == "weight" and "packed_weight" in self._buffers:
+                return unpack(self._buffers["packed_weight"], self.out_features)
+            if name == "quantized" and "int8_panels" in self._buffers:
+                from dataclasses import replace
+
+                codes = unpack(self._buffers["int8_panels"], self.out_features)
+                return replace(self.__dict__["quantized_meta"], codes=codes)
+            raise
 
 
 class RMSNorm(nn.Module):
@@ -70,8 +76,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
         self.eps = eps
+        self.native = native_ops.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native_ops.usable(x, self.native):  # one native call instead of F.rms_norm's six ops
+            return native_ops.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 like the reference implementations, then cast back.
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

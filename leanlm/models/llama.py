@@ -14,6 +14,7 @@ from torch import nn
 
 from leanlm.models.layers import Linear, RMSNorm, RotaryEmbedding
 from leanlm.models.model_config import ModelConfig
+from leanlm.native import ops as native_ops
 from leanlm.quant.linear import QuantMethod, UnquantizedMethod
 
 MethodFactory = Callable[[str], QuantMethod]  # linear layer name -> its method
@@ -32,6 +33,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
         self.splits = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        self.native = native_ops.available()  # float32 CPU glue on leanlm/native/ops.c
 
     def forward(self, x, rope_tables, cache, ctx):
         T, c = x.shape[0], self.cfg
@@ -43,6 +45,10 @@ class Attention(nn.Module):
                             self.k_norm(k.view(T, c.num_kv_heads, c.head_dim))), dim=1)
         else:  # q and k are adjacent in the fused output: rotate them as one tensor
             qk = qkv[:, : c.q_size + c.kv_size].view(T, c.num_heads + c.num_kv_heads, c.head_dim)
+            if not getattr(cache, "rope_keys", False) and native_ops.usable(qkv, self.native) and qkv.is_contiguous():
+                native_ops.rope_(qkv, c.num_heads + c.num_kv_heads, c.head_dim, *rope_tables)  # in place
+                out = cache.attend(self.layer, qk[:, : c.num_heads], qk[:, c.num_heads:], v, ctx)
+                return self.o_proj(out.reshape(T, c.q_size))
         if getattr(cache, "rope_keys", False):  # the cache stores pre-RoPE keys, rotates them on read
             q, k = RotaryEmbedding.apply(qk[:, : c.num_heads], rope_tables), qk[:, c.num_heads:]
         else:
@@ -60,9 +66,13 @@ class MLP(nn.Module):
                                    method(f"{p}.gate_up_proj"), shard_sizes={"gate": inter, "up": inter})
         self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, method(f"{p}.down_proj"))
         self.inter = inter
+        self.native = native_ops.available()
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if native_ops.usable(gate_up, self.native) and gate_up.dim() == 2:
+            return self.down_proj(native_ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -73,11 +83,17 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer, dtype, method)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, layer, dtype, method)
+        self.native = native_ops.available()
 
     def forward(self, x, rope_tables, cache, ctx):
         if getattr(cache, "wants_layer_input", False):  # xquant:cl caches the residual stream itself
             cache.layer_input = x
-        x = x + self.self_attn(self.input_layernorm(x), rope_tables, cache, ctx)
+        h = self.self_attn(self.input_layernorm(x), rope_tables, cache, ctx)
+        if native_ops.usable(x, self.native):  # the residual add and the next norm in one call
+            norm = self.post_attention_layernorm
+            x, normed = native_ops.add_rms_norm(x, h, norm.weight, norm.eps)
+            return x + self.mlp(normed)
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

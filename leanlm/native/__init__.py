@@ -100,3 +100,13 @@ def load(name: str) -> ctypes.CDLL | None:
             log.warning("native kernel %s unavailable, using torch ops instead: %s", name, e)
             _loaded[name] = None
     return _loaded[name]
+
+
+def function(lib_name: str, fn_name: str, argtypes: list, restype=None):
+    """A C function of library `lib_name` with its ctypes signature set, or None (see load)."""
+    lib = load(lib_name)
+    if lib is None:
+        return None
+    f = getattr(lib, fn_name)
+    f.argtypes, f.restype = argtypes, restype
+    return f

@@ -22,12 +22,7 @@ def kernel():
     """The C function, or None when native kernels are unavailable."""
     global _fn
     if _fn is None:
-        lib = native.load("sgemm")
-        if lib is None:
-            return None
-        f = lib.sgemm_packed
-        f.argtypes, f.restype = [_P, _I, _I, _P, _I, _P, _P], None
-        _fn = f
+        _fn = native.function("sgemm", "sgemm_packed", [_P, _I, _I, _P, _I, _P, _P])
     return _fn
 
 

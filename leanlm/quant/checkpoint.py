@@ -255,9 +255,11 @@ def _decode_layer(name: str, meta: dict, t: dict[str, torch.Tensor], layer) -> Q
                            None if ts is None else ts.float().reshape(()), stored)
 
 
-def load_quantized(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str = "cpu"):
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str = "cpu",
+                   compile: bool = False):
     """(model, ModelConfig) from a checkpoint written by `save_quantized`; any inconsistency or
-    corruption raises a ValueError naming the tensor or layer."""
+    corruption raises a ValueError naming the tensor or layer. compile: the model will run under
+    torch.compile (layers keep torch's kernels rather than opaque native ones)."""
     from leanlm.formats.registry import get_format
     from leanlm.models.model_config import ModelConfig
     from leanlm.models.registry import MODEL_CLASSES
@@ -285,15 +287,18 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype, device: torch.de
             fmt = get_format(layers[name]["format"])
             rot = layers[name].get("rotation")
             if rot is None:
-                return WeightOnlyMethod(fmt, spec.group_size)
+                m = WeightOnlyMethod(fmt, spec.group_size)
+                m.native = not compile
+                return m
             from leanlm.quant.rotation import Rotation
 
             if rot.get("kind") != "hadamard":
                 raise ValueError(f"{name}: rotation {rot!r} is not supported (expected hadamard)")
             m = WeightOnlyMethod(fmt, spec.group_size, rotate=True, rotate_block=spec.rotate_block)
             m.rotation = Rotation(int(rot["block"]))  # the block the codes were made with
+            m.native = not compile
             return m
-        return default_method(dtype, device)
+        return default_method(dtype, device, compile)
 
     model = MODEL_CLASSES[cfg.architecture](cfg, dtype=dtype, method=method)
     if built != set(layers):

@@ -4,7 +4,8 @@ The layer is created and loaded in full precision like any other; `process_after
 quantizes it by round-to-nearest (unless an algorithm such as GPTQ already set its quantized
 weight with `set_quantized`), then picks the kernel:
 
-- symmetric INT8 per output channel -> torch's int8 weight-only matmul;
+- symmetric INT8 per output channel -> with float32 activations on the CPU, the native kernel
+  of leanlm/native/qgemm.c; else torch's int8 weight-only matmul;
 - INT4 with groups of 32..256 (and output features a multiple of 16) -> torch's int4pack matmul;
 - (both only on the CPU: torch has no CUDA build of these two kernels)
 - every other format -> codes and scales kept, the weight dequantized into the compute dtype at
@@ -13,11 +14,14 @@ The float weight is dropped once quantized: memory holds only what the format st
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from leanlm.formats.base import GroupParams, QuantizedTensor, WeightFormat
+from leanlm.native import qgemm
 from leanlm.quant import kernels
 from leanlm.quant.linear import QuantMethod
 
@@ -32,7 +36,8 @@ class WeightOnlyMethod(QuantMethod):
         self.fmt, self.group_size, self.rotate = fmt, group_size, rotate
         self.rotate_block = rotate_block  # requested Hadamard block; None: rotation.pick_block's default
         self.rotation = None  # set per layer (the block depends on its input features)
-        self.kernel = None  # "int8", "int4" or "dequant", set when quantized
+        self.kernel = None  # "int8-native", "int8", "int4" or "dequant", set when quantized
+        self.native = True  # may use leanlm/native kernels (off under torch.compile, see engine)
         self.table: torch.Tensor | None = None  # dequant path: value of each code at unit scale
         self.code_offset = 0                    # first code of the table (-128 for int8 codes)
         self.name = f"{fmt.name}" + (f":g{group_size}" if group_size else "") + ((":rotate" if rotate_block is None else f":rotate{rotate_block}") if rotate else "")
@@ -64,13 +69,26 @@ class WeightOnlyMethod(QuantMethod):
         """Install a quantized weight (from RTN, GPTQ or a checkpoint) and pick its kernel."""
         dtype = layer.weight.dtype if getattr(layer, "weight", None) is not None else layer.compute_dtype
         layer.compute_dtype = dtype
+        for buf in ("int8_panels", "int8_w", "int8_scales", "int4_w", "int4_sz"):  # a previous kernel's
+            layer._buffers.pop(buf, None)
+        layer.__dict__.pop("quantized_meta", None)
         layer.quantized = q
         N, K = q.shape
         kdt = kernels.kernel_dtype_for(dtype, q.codes.device)
         name = q.format
         # kernel operands are buffers: they move with the module and count as its weight bytes
         # torch ships both packed kernels for the CPU only; on CUDA every format dequantizes
-        if name == "int8" and q.group_size == K and q.zeros is None and q.codes.device.type == "cpu":
+        per_channel_int8 = name == "int8" and q.group_size == K and q.zeros is None
+        if per_channel_int8 and self.native and qgemm.available(dtype, q.codes.device):
+            # float32 activations: the native kernel (no bfloat16 rounding, ~1.4x faster at one
+            # row, 2.4x at five). The panels are the only copy of the codes; `layer.quantized`
+            # reads them back (Linear.__getattr__).
+            layer.register_buffer("int8_panels", qgemm.pack(q.codes.to(torch.int8)), persistent=False)
+            layer.register_buffer("int8_scales", q.scales.reshape(-1).float().contiguous(), persistent=False)
+            layer.quantized_meta = replace(q, codes=None)
+            del layer.quantized
+            self.kernel = "int8-native"
+        elif per_channel_int8 and q.codes.device.type == "cpu":
             w, scales = kernels.pack_int8(q.codes, q.scales.reshape(-1))
             layer.register_buffer("int8_w", w, persistent=False)
             layer.register_buffer("int8_scales", scales.to(kdt), persistent=False)
@@ -97,6 +115,8 @@ class WeightOnlyMethod(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.rotation is not None:
             x = self.rotation.activation(x)
+        if self.kernel == "int8-native":
+            return qgemm.linear(x, layer.int8_panels, layer.int8_scales, layer.out_features, layer.bias)
         if self.kernel == "int8":
             y = kernels.int8_matmul(x, layer.int8_w, layer.int8_scales)
         elif self.kernel == "int4":

@@ -5,7 +5,10 @@ its canonical string (the string every report prints).
     early-exit:E[:k=K][:conf=C]      the target's first E layers + final norm + LM head
     early-exit:auto[:k=K][:conf=C]   DEL: exit layer and draft length (<= K) chosen as it runs
     draft:MODEL[:k=K][:conf=C] a separate model with the target's tokenizer
-    self:QUANT[:k=K][:conf=C]  the target itself, quantized (e.g. self:rtn:int4:g32)
+    self:QUANT[:k=K][:conf=C][:head=quant|shared]  the target itself, quantized (e.g.
+                               self:rtn:int4:g32); head=quant quantizes its LM head too (a
+                               quarter of a float32 step's bytes), shared (default) drafts with
+                               the target's own head
 
 conf=C (model drafters): a sequence stops drafting after a token whose draft probability is under
 C. Default 0 (off: always k drafts) for the fixed drafters, 0.3 for early-exit:auto, whose cost
@@ -23,7 +26,7 @@ AUTO_CONF = 0.3
 DEFAULT_NGRAM_N = 3
 MAX_K = 32
 FORMS = ("ngram[:n=N][:k=K], early-exit:E|auto[:k=K][:conf=C], draft:MODEL[:k=K][:conf=C], "
-         "self:QUANT[:k=K][:conf=C] (e.g. ngram:n=3:k=8, early-exit:8, early-exit:auto, "
+         "self:QUANT[:k=K][:conf=C][:head=quant|shared] (e.g. ngram:n=3:k=8, early-exit:8, early-exit:auto, "
          "draft:/path/to/model:k=5, self:rtn:int4:g32:conf=0.4)")
 
 
@@ -55,6 +58,7 @@ class SpecConfig:
     exit_layer: int = 0          # early-exit: layers the draft runs; 0: auto (DEL)
     target: str = ""             # draft: the model; self: the quant spec
     conf: float = 0.0            # model drafters: confidence under which drafting stops
+    quant_head: bool = False     # self: the draft's LM head quantized too (else the target's)
 
     @property
     def auto(self) -> bool:
@@ -76,7 +80,8 @@ class SpecConfig:
         options: dict[str, str] = {}
         while parts and "=" in parts[-1]:
             name, _, value = parts.pop().partition("=")
-            if name in options or name not in (("k", "n") if kind == "ngram" else ("k", "conf")):
+            allowed = ("k", "n") if kind == "ngram" else ("k", "conf", "head") if kind == "self" else ("k", "conf")
+            if name in options or name not in allowed:
                 raise _bad(spec, f"option {name!r} is not allowed here or repeated")
             options[name] = value
         arg = ":".join(parts)
@@ -102,11 +107,15 @@ class SpecConfig:
                 arg = str(QuantSpec.parse(arg))
             except ValueError as e:
                 raise _bad(spec, f"bad quant spec ({e})") from None
-        return cls(kind, k, target=arg, conf=conf)
+        head = options.get("head", "shared")
+        if head not in ("quant", "shared"):
+            raise _bad(spec, f"head={head!r} must be 'quant' or 'shared'")
+        return cls(kind, k, target=arg, conf=conf, quant_head=head == "quant")
 
     def __str__(self) -> str:
         if self.kind == "ngram":
             return f"ngram:n={self.n}:k={self.k}"
         arg = ("auto" if self.auto else self.exit_layer) if self.kind == "early-exit" else self.target
         default = AUTO_CONF if self.auto else DEFAULT_CONF
-        return f"{self.kind}:{arg}:k={self.k}" + (f":conf={self.conf:g}" if self.conf != default else "")
+        return (f"{self.kind}:{arg}:k={self.k}" + (f":conf={self.conf:g}" if self.conf != default else "")
+                + (":head=quant" if self.quant_head else ""))

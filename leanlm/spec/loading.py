@@ -1,6 +1,6 @@
 """Loading the draft of draft:MODEL (another checkpoint, same tokenizer) and self:QUANT (the
-target's checkpoint again, its linear layers quantized; embedding, norms and an unquantized LM
-head are the target's own tensors, shared rather than copied)."""
+target's checkpoint again, its linear layers quantized; embedding, norms and, unless head=quant,
+the LM head are the target's own tensors, shared rather than copied)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -36,10 +36,10 @@ def load_draft_proposer(spec: SpecConfig, engine) -> DraftModelProposer:
         from leanlm.quant.spec import QuantSpec
 
         quant = SimpleNamespace(torch_dtype=cfg.torch_dtype, torch_device=cfg.torch_device,
-                                quant_spec=QuantSpec.parse(spec.target), quant_head=False)
+                                quant_spec=QuantSpec.parse(spec.target), quant_head=spec.quant_head)
         model, mc = load_model(engine.model_path, cfg.torch_dtype, cfg.torch_device,
                                method=weight_method_factory(quant))
-        share_unquantized(engine.model, model)
+        share_unquantized(engine.model, model, head=not spec.quant_head)
     from leanlm.spec.cost import step_bytes
 
     proposer = DraftModelProposer(model, mc, engine.cache, engine.model_config.vocab_size, engine.sampler,
@@ -48,11 +48,13 @@ def load_draft_proposer(spec: SpecConfig, engine) -> DraftModelProposer:
     return proposer
 
 
-def share_unquantized(target, draft) -> None:
-    """Point the draft's embedding, norms and LM head (never quantized here) at the target's."""
+def share_unquantized(target, draft, head: bool = True) -> None:
+    """Point the draft's embedding, norms and (unless the draft quantized it) LM head at the
+    target's."""
     draft.embed_tokens = target.embed_tokens
     draft.norm = target.norm
-    draft.lm_head = target.lm_head
+    if head:
+        draft.lm_head = target.lm_head
     for t, d in zip(target.layers, draft.layers):
         d.input_layernorm = t.input_layernorm
         d.post_attention_layernorm = t.post_attention_layernorm

@@ -53,14 +53,18 @@ def logits(llm, prompt):
 
 
 @pytest.mark.parametrize("quant, kernel, tol", [
-    ("rtn:int8", "int8", 0.05),          # int8pack kernel: bfloat16 activations
+    ("rtn:int8", "int8-native", 1e-4),   # native kernel: float32 activations, exact scales
+    ("rtn:int8:torch", "int8", 0.05),    # LEANLM_NATIVE=0: int8pack kernel, bfloat16 activations
     ("rtn:int4:g32", "int4", 0.05),      # int4pack kernel: bfloat16 activations
     ("rtn:int4-sym:g64", "int4", 0.05),
     ("rtn:nvfp4", "dequant", 1e-4),      # dequantized in float32: same numbers as the reference
     ("rtn:int3:g32", "dequant", 1e-4),
     ("rtn:mxfp4", "dequant", 1e-4),
     ("rtn:nf4:g32", "dequant", 1e-4)])
-def test_quantized_model_computes_its_dequantized_weights(tiny_model_dir, quant, kernel, tol):
+def test_quantized_model_computes_its_dequantized_weights(tiny_model_dir, monkeypatch, quant, kernel, tol):
+    if quant.endswith(":torch"):
+        quant = quant[: -len(":torch")]
+        monkeypatch.setenv("LEANLM_NATIVE", "0")
     path = str(tiny_model_dir("qwen2"))  # qkv bias: the bias path too
     prompt = [5, 17, 42, 99, 3, 250]
     llm = LLM(path, dtype="float32", quant=quant)

@@ -1,0 +1,133 @@
+"""The native float32 layer glue (leanlm/native/ops.c) against float64 references, and its use
+in the model: the same logits as the torch ops, and verification rows equal decode steps."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanlm.models.layers import RotaryEmbedding
+from leanlm.native import ops
+
+pytestmark = pytest.mark.skipif(not ops.available(), reason="no C compiler: the torch path is used")
+
+
+def _rms_ref(x, w, eps):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("M, N", [(1, 576), (5, 64), (70, 40), (3, 17)])
+def test_rms_norm_and_fused_add(M, N):
+    g = torch.Generator().manual_seed(M + N)
+    x, h, w = torch.randn(M, N, generator=g), torch.randn(M, N, generator=g), torch.randn(N, generator=g)
+    assert (ops.rms_norm(x, w, 1e-5).double() - _rms_ref(x, w, 1e-5)).abs().max() < 1e-5
+    x0 = x.clone()
+    s, out = ops.add_rms_norm(x, h, w, 1e-5)
+    assert torch.equal(x, x0)  # the residual input is not modified (callers may keep it)
+    assert torch.equal(s, x + h)
+    assert (out.double() - _rms_ref(x + h, w, 1e-5)).abs().max() < 1e-5
+    assert not torch.allclose(out, ops.rms_norm(x, w, 1e-5))  # negative control: the add counts
+
+
+def test_silu_mul():
+    g = torch.Generator().manual_seed(1)
+    gu = torch.randn(7, 2 * 96, generator=g) * 4
+    ref = F.silu(gu[:, :96].double()) * gu[:, 96:].double()
+    assert (ops.silu_mul(gu).double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("heads, D", [(12, 64), (3, 32), (2, 6)])
+def test_rope_in_place_matches_the_module(heads, D):
+    rope = RotaryEmbedding(D, 4096, 10000.0, None, torch.float32)
+    pos = torch.tensor([0, 3, 77, 4000])
+    tables = rope.tables(pos)
+    x = torch.randn(4, heads * D + 40)  # trailing columns (v) must be left alone
+    ref = RotaryEmbedding.apply(x[:, : heads * D].double().view(4, heads, D),
+                                tuple(t.double() for t in tables)).reshape(4, -1)
+    y = x.clone()
+    ops.rope_(y, heads, D, *tables)
+    assert (y[:, : heads * D].double() - ref).abs().max() < 1e-5
+    assert torch.equal(y[:, heads * D:], x[:, heads * D:])
+
+
+def _paged_reference(q, kc, vc, tables, lens, bs):
+    R, Hq, D = q.shape
+    Hkv = kc.shape[1]
+    out = torch.empty(R, Hq, D, dtype=torch.float64)
+    for r in range(R):
+        slots = torch.cat([torch.arange(b * bs, b * bs + bs) for b in tables[r].tolist()])[: lens[r]]
+        k, v = kc[slots].double().transpose(0, 1), vc[slots].double().transpose(0, 1)  # [Hkv, L, D]
+        qq = q[r].double().view(Hkv, Hq // Hkv, D)
+        p = torch.softmax(qq @ k.transpose(1, 2) / D ** 0.5, dim=-1)
+        out[r] = (p @ v).reshape(Hq, D)
+    return out
+
+
+@pytest.mark.parametrize("Hq, Hkv, D", [(9, 3, 64), (4, 4, 32), (6, 2, 20), (8, 1, 128)])
+def test_paged_attention_matches_float64(Hq, Hkv, D):
+    g = torch.Generator().manual_seed(Hq * D)
+    bs, nblk = 16, 5
+    kc, vc = torch.randn(40 * bs, Hkv, D, generator=g), torch.randn(40 * bs, Hkv, D, generator=g)
+    tables = torch.stack([torch.randperm(40, generator=g)[:nblk] for _ in range(4)])
+    lens = torch.tensor([1, 16, 17, 80])
+    q = torch.randn(4, Hq, D, generator=g)
+    out = ops.paged_attention(q, kc, vc, tables, lens, bs)
+    assert (out.double() - _paged_reference(q, kc, vc, tables, lens, bs)).abs().max() < 1e-5
+    # negative control: another block order gives another answer
+    other = ops.paged_attention(q, kc, vc, tables.flip(1).contiguous(), lens, bs)
+    assert not torch.allclose(other[3], out[3])
+
+
+def test_paged_attention_rows_do_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(3)
+    kc, vc = torch.randn(320, 3, 64, generator=g), torch.randn(320, 3, 64, generator=g)
+    tables = torch.arange(20).repeat(6, 1)
+    lens = torch.tensor([5, 50, 51, 52, 200, 320])
+    q = torch.randn(6, 9, 64, generator=g)
+    together = ops.paged_attention(q, kc, vc, tables, lens, 16)
+    for r in range(6):
+        assert torch.equal(ops.paged_attention(q[r:r + 1], kc, vc, tables[r:r + 1], lens[r:r + 1], 16),
+                           together[r:r + 1])
+
+
+def test_bad_operands_are_refused():
+    with pytest.raises(TypeError, match="int64"):
+        ops.paged_attention(torch.randn(1, 2, 8), torch.randn(16, 2, 8), torch.randn(16, 2, 8),
+                            torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.long), 16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_engine_on_native_ops_matches_the_torch_ops(tiny_model_dir, monkeypatch, arch):
+    """The same greedy tokens and logprobs (to float32 rounding) with and without the native glue
+    (qwen2: qkv bias; qwen3: q/k norms, where RoPE stays on torch)."""
+    from leanlm import LLM, SamplingParams
+
+    path, prompt = str(tiny_model_dir(arch)), [[5, 17, 42, 99, 3, 250], [7, 8, 9]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    llm = LLM(path, dtype="float32")
+    assert llm.engine.model.layers[0].native and llm.engine.cache.fused_rows
+    native_out = llm.generate(prompt, params)
+    monkeypatch.setenv("LEANLM_NATIVE", "0")
+    llm = LLM(path, dtype="float32")
+    assert not llm.engine.model.layers[0].native and not llm.engine.cache.fused_decode
+    for a, b in zip(native_out, llm.generate(prompt, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for t in lb:
+                assert abs(la[t].logprob - lb[t].logprob) < 1e-4
+
+
+def test_verification_rows_equal_decode_steps_bit_for_bit(tiny_model_dir):
+    """Batch-invariant matmuls, row-wise glue and row-by-row attention: the logprobs speculative
+    decoding reports (from verification rows) are exactly those of plain decode steps."""
+    from leanlm import LLM, SamplingParams
+
+    path = str(tiny_model_dir("llama"))
+    prompt = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]  # repetitive: n-gram drafts get accepted
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+    plain = LLM(path, dtype="float32").generate(prompt, params)[0].outputs[0]
+    llm = LLM(path, dtype="float32", spec="ngram:n=1:k=4")
+    spec = llm.generate(prompt, params)[0].outputs[0]
+    assert llm.engine.stats().spec.accepted > 0
+    assert spec.token_ids == plain.token_ids
+    for a, b in zip(plain.logprobs, spec.logprobs):
+        assert {t: e.logprob for t, e in a.items()} == {t: e.logprob for t, e in b.items()}
