@@ -57,6 +57,10 @@ class PagedContext:
     slot_mapping: torch.Tensor                    # [T] slot of every new token
     decodes: list[_DecodeGroup] = field(default_factory=list)
     prefills: list[_Prefill] = field(default_factory=list)
+    # when every row attends row by row (fused_rows, chunks of <= FUSED_ROWS_MAX): each row's
+    # block ids [T, nblk] and context [T], for the native whole-layer path (native/layers.py)
+    row_tables: torch.Tensor | None = None
+    row_lens: torch.Tensor | None = None
 
 
 def _length_groups(seqs: list[SeqSlice]) -> list[list[SeqSlice]]:
@@ -178,6 +182,17 @@ class PagedKVCache(KVCache):
                 p.fused_tables = table.expand(s.n, nblk).contiguous()
                 p.fused_lens = torch.arange(s.start + 1, end + 1, device=self.device)
             ctx.prefills.append(p)
+        if self.fused_rows and all(s.n <= FUSED_ROWS_MAX for s in seqs):
+            nblk = max(-(-(s.start + s.n) // bs) for s in seqs)
+            tables: list[list[int]] = []
+            lens: list[int] = []
+            for s in seqs:
+                row = s.kv.blocks[:nblk]
+                row = row + [0] * (nblk - len(row))
+                tables.extend([row] * s.n)
+                lens.extend(range(s.start + 1, s.start + s.n + 1))
+            ctx.row_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+            ctx.row_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
         self.codec.plan_step(seqs, ctx.slot_mapping)
         return ctx
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from leanlm.models.layers import Linear, RMSNorm, RotaryEmbedding
 from leanlm.models.model_config import ModelConfig
+from leanlm.native import layers as native_layers
 from leanlm.native import ops as native_ops
 from leanlm.quant.linear import QuantMethod, UnquantizedMethod
 
@@ -123,23 +124,34 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                     cfg.rope_scaling, dtype)
+        self.native = native_ops.available()  # may run its layers in one native call
+        self._native: dict = {}  # id(cache) -> native_layers.NativeLayers
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, ctx) -> torch.Tensor:
         """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
-        tables = self.rope.tables(positions)
-        for layer in self.layers:
-            x = layer(x, tables, cache, ctx)
-        return self.norm(x)
+        return self.norm(self.run_layers(self.embed_tokens(input_ids), positions, cache, ctx))
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, cache, ctx, start: int = 0,
                    end: int | None = None) -> torch.Tensor:
         """The residual stream x [T, hidden] through layers start..end-1 (not normed): early-exit
         drafts run the first layers, and verification resumes from their output."""
         tables = self.rope.tables(positions)
+        end = len(self.layers) if end is None else end
+        fast = self._native_layers(cache, ctx)
+        if fast is not None:  # every layer in one native call, same numbers (native/layers.py)
+            return fast.run(x, tables, ctx, start, end)
         for layer in self.layers[start:end]:
             x = layer(x, tables, cache, ctx)
         return x
+
+    def _native_layers(self, cache, ctx):
+        """The native whole-layer executor for this cache, when this step can use it."""
+        if not self.native or torch.compiler.is_compiling() or not native_layers.applicable(cache, ctx):
+            return None
+        fast = self._native.get(id(cache))
+        if fast is None or fast.cache is not cache or (fast.ok and fast.stale()):
+            fast = self._native[id(cache)] = native_layers.NativeLayers(self, cache)
+        return fast if fast.ok else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -102,13 +102,13 @@ static inline float hsum(v16 a) {
 }
 
 /* Attention of R query rows over a paged float32 cache, each row on its own context:
-   q [R, Hq, D]; kc, vc [slots, Hkv, D]; row r attends to the first lens[r] tokens of the blocks
+   q [R, Hq, D] (rows q_stride floats apart); kc, vc [slots, Hkv, D]; row r attends to the first lens[r] tokens of the blocks
    tables[r, :] (slot = block * bs + offset); out [R, Hq, D]. The G = Hq / Hkv query heads of a KV
    head share its keys (GQA) and are scored together, each key read once. Softmax in float32 with
    the max subtracted, as SDPA. */
-void paged_attention_f32(const float *q, int R, int Hq, int Hkv, int D, const float *kc,
-                         const float *vc, const long *tables, int nblk, const long *lens, int bs,
-                         float scale, float *out) {
+void paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, int D,
+                         const float *kc, const float *vc, const long *tables, int nblk,
+                         const long *lens, int bs, float scale, float *out) {
     const int G = Hq / Hkv;
     const int fast = D % 16 == 0 && D <= 16 * MAX_DV && G <= MAX_G;
     #pragma omp parallel for schedule(dynamic, 1) collapse(2) if ((long)R * Hkv >= 2)
@@ -116,7 +116,7 @@ void paged_attention_f32(const float *q, int R, int Hq, int Hkv, int D, const fl
         for (int h = 0; h < Hkv; h++) {
             const int L = (int)lens[r];
             const long *tab = tables + (size_t)r * nblk;
-            const float *qh = q + ((size_t)r * Hq + (size_t)h * G) * D;
+            const float *qh = q + (size_t)r * q_stride + (size_t)h * G * D;
             float *oh = out + ((size_t)r * Hq + (size_t)h * G) * D;
             float *p = malloc(sizeof(float) * (size_t)G * (L > 0 ? L : 1));  /* scores [G][L] */
             /* scores: token by token, block by block (no division per token) */
@@ -179,4 +179,72 @@ void paged_attention_f32(const float *q, int R, int Hq, int Hkv, int D, const fl
                 }
             free(p);
         }
+}
+
+
+/* ---- whole decoder layers ------------------------------------------------------------------
+   The layers of a Llama-family model for a step of M rows (decode tokens and short chunks) in
+   one call: the functions above plus the packed matmuls (passed in as function pointers from
+   sgemm.c / qgemm.c), in exactly the order the Python modules call them, so the result is bit
+   for bit what the module path computes; what disappears is ~150 us of Python per layer. */
+
+typedef void (*sgemm_fn)(const float *, int, int, const float *, int, float *, const float *);
+typedef void (*qgemm_fn)(const float *, int, int, const signed char *, int, const float *, float *,
+                         const float *);
+
+typedef struct {
+    long kind;               /* 0: float32 panels (sgemm), 1: int8 panels + scales (qgemm) */
+    long N, K;
+    const void *w;
+    const float *scale, *bias;
+} linear_t;
+
+typedef struct {
+    linear_t qkv, o, gate_up, down;
+    const float *norm_in, *norm_post;
+    float *kc, *vc;          /* this layer's cache, [slots, Hkv, D] float32 */
+} layer_t;
+
+typedef struct {
+    long H, Hq, Hkv, D, I, bs;
+    float eps, scale;        /* scale: the attention's, as the Python path passes it (D ** -0.5) */
+    sgemm_fn sgemm;
+    qgemm_fn qgemm;
+} model_t;
+
+static void linear(const model_t *c, const linear_t *l, const float *x, int M, float *y) {
+    if (l->kind == 0) c->sgemm(x, M, (int)l->K, (const float *)l->w, (int)l->N, y, l->bias);
+    else c->qgemm(x, M, (int)l->K, (const signed char *)l->w, (int)l->N, l->scale, y, l->bias);
+}
+
+/* x [M, H] is updated in place through layers[0..n); cos, sin_signed [M, D]; slots [M] where each
+   row's K/V goes; row m attends to its first lens[m] tokens of tables[m, :nblk]; work holds
+   M * (4H + QKV + Q + 3I) floats. */
+void decoder_layers_f32(float *x, int M, const model_t *c, const layer_t *layers, int n,
+                        const float *cos, const float *sin_signed, const long *slots,
+                        const long *tables, int nblk, const long *lens, float *work) {
+    const long H = c->H, D = c->D, Q = c->Hq * D, KV = c->Hkv * D, QKV = Q + 2 * KV, I = c->I;
+    float *h = work, *qkv = h + M * H, *attn = qkv + M * QKV, *o = attn + M * Q;
+    float *x2 = o + M * H, *gu = x2 + M * H, *act = gu + M * 2 * I, *d = act + M * I;
+    for (int li = 0; li < n; li++) {
+        const layer_t *L = layers + li;
+        rmsnorm_f32(x, M, (int)H, L->norm_in, c->eps, h);
+        linear(c, &L->qkv, h, M, qkv);
+        rope_f32(qkv, M, (int)(c->Hq + c->Hkv), (int)D, QKV, cos, sin_signed);
+        for (int m = 0; m < M; m++) {
+            const float *row = qkv + (size_t)m * QKV;
+            for (long i = 0; i < KV; i++) {
+                L->kc[slots[m] * KV + i] = row[Q + i];
+                L->vc[slots[m] * KV + i] = row[Q + KV + i];
+            }
+        }
+        paged_attention_f32(qkv, QKV, M, (int)c->Hq, (int)c->Hkv, (int)D, L->kc, L->vc, tables, nblk,
+                            lens, (int)c->bs, c->scale, attn);
+        linear(c, &L->o, attn, M, o);
+        add_rmsnorm_f32(x, o, M, (int)H, L->norm_post, c->eps, x2, h);
+        linear(c, &L->gate_up, h, M, gu);
+        silu_mul_f32(gu, M, (int)I, act);
+        linear(c, &L->down, act, M, d);
+        for (long i = 0; i < M * H; i++) x[i] = x2[i] + d[i];
+    }
 }

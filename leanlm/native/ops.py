@@ -21,7 +21,8 @@ _SIGNATURES = {
     "add_rmsnorm_f32": [_P, _P, _I, _I, _P, _F, _P, _P],
     "silu_mul_f32": [_P, _I, _I, _P],
     "rope_f32": [_P, _I, _I, _I, _L, _P, _P],
-    "paged_attention_f32": [_P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _I, _F, _P],
+    "paged_attention_f32": [_P, _L, _I, _I, _I, _I, _P, _P, _P, _I, _P, _I, _F, _P],
+    "decoder_layers_f32": [_P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _P, _P],
 }
 _lib = None
 _state: bool | None = None  # whether the library loaded (decided once per process)
@@ -90,7 +91,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise TypeError("paged_attention: int64 tables and lens, float32 caches")
     R, Hq, D = q.shape
     out = torch.empty_like(q)
-    _lib.paged_attention_f32(q.data_ptr(), R, Hq, k_cache.shape[1], D, k_cache.data_ptr(),
+    _lib.paged_attention_f32(q.data_ptr(), Hq * D, R, Hq, k_cache.shape[1], D, k_cache.data_ptr(),
                              v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
                              block_size, D ** -0.5, out.data_ptr())
     return out
+
+
+def decoder_layers(*args) -> None:
+    """ops.c's decoder_layers_f32 (see native/layers.py, which builds its arguments)."""
+    _lib.decoder_layers_f32(*args)

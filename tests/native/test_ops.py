@@ -131,3 +131,61 @@ def test_verification_rows_equal_decode_steps_bit_for_bit(tiny_model_dir):
     assert spec.token_ids == plain.token_ids
     for a, b in zip(plain.logprobs, spec.logprobs):
         assert {t: e.logprob for t, e in a.items()} == {t: e.logprob for t, e in b.items()}
+
+
+@pytest.mark.parametrize("arch, quant", [("llama", None), ("qwen2", None), ("llama", "rtn:int8"),
+                                         ("mistral", None)])
+def test_whole_layer_path_equals_the_module_path_bit_for_bit(tiny_model_dir, arch, quant):
+    """native/layers.py runs all layers in one call; it must compute exactly what the modules
+    (on the same native kernels) compute: decode steps, a batch, and verification chunks."""
+    from leanlm import LLM, SamplingParams
+    from leanlm.native import layers as native_layers
+
+    path = str(tiny_model_dir(arch))
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11], [3] * 40]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=5)
+    calls = []
+    real_run = native_layers.NativeLayers.run
+
+    def counting_run(self, *a):
+        calls.append(a[0].shape[0])
+        return real_run(self, *a)
+
+    outs = []
+    for whole_layers in (True, False):
+        llm = LLM(path, dtype="float32", quant=quant, spec="ngram:n=1:k=4")
+        llm.engine.model.native = whole_layers
+        native_layers.NativeLayers.run = counting_run
+        try:
+            outs.append(llm.generate(prompts, params))
+        finally:
+            native_layers.NativeLayers.run = real_run
+        if whole_layers:
+            assert calls and max(calls) > 1  # it ran, verification chunks included
+            n_calls = len(calls)
+    assert len(calls) == n_calls  # the module path did not call it
+    for a, b in zip(*outs):
+        a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert {t: e.logprob for t, e in x.items()} == {t: e.logprob for t, e in y.items()}
+
+
+def test_whole_layer_path_rebuilds_when_a_weight_is_replaced(tiny_model_dir):
+    """Descriptors hold raw pointers: replacing a layer's weight after loading must not leave
+    them pointing at the old (freed) tensor."""
+    from leanlm import LLM, SamplingParams
+
+    path = str(tiny_model_dir("llama"))
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
+    llm = LLM(path, dtype="float32")
+    llm.generate([[1, 2, 3]], p)
+    model = llm.engine.model
+    lin = model.layers[0].mlp.down_proj
+    lin._buffers["packed_weight"] = lin._buffers["packed_weight"].clone() * 3  # a new tensor
+    got = llm.generate([[1, 2, 3]], p)[0].outputs[0]
+    model.native = False
+    ref = llm.generate([[1, 2, 3]], p)[0].outputs[0]
+    assert got.token_ids == ref.token_ids
+    for x, y in zip(got.logprobs, ref.logprobs):
+        assert {t: e.logprob for t, e in x.items()} == {t: e.logprob for t, e in y.items()}
