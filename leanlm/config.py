@@ -80,6 +80,7 @@ class EngineConfig:
     kv: str | None = None                  # KV cache codec spec, e.g. 'fp8:e4m3', 'kivi:4', 'bfp:8:reorder'
     spec: str | None = None                # speculative decoding, e.g. 'ngram:n=3:k=8', 'early-exit:8'
     spec_max_batch: int = 4                # no drafting in steps with more decoding sequences
+    spec_calibrate: bool = True            # measure the cost model's β and draft cost at load
 
     def __post_init__(self):
         self.torch_dtype = parse_dtype(self.dtype)

@@ -115,6 +115,7 @@ def run(llm, prompts: list[list[int]], max_tokens: int, batch: int = 1) -> dict:
             "off_batch_steps": s.off_batch - before.off_batch, "off_cost_steps": s.off_cost - before.off_cost,
             "choices": dict((Counter(s.choices) - before_choices).most_common()),
             "acceptance_estimate": s.acceptance_estimate,
+            "token_cost": s.token_cost, "draft_cost": s.draft_cost,  # the cost model's measured inputs
             "layer_acceptance": {str(e): a for e, a in s.layer_acceptance.items()}}
 
 
@@ -164,7 +165,8 @@ def cmd_spec(args) -> int:
                         f"{r['speedup_cpu']:.2f}x ({r['baseline_cpu_s']:.1f} vs {r['spec_cpu_s']:.1f} CPU s); "
                         f"batch {r['batch']}, drafting off in {r['off_batch_steps']} steps (batch > "
                         f"{r['spec_max_batch']}) and {r['off_cost_steps']} (cost model); choices "
-                        f"{_top(r['choices'])}")
+                        f"{_top(r['choices'])}; cost model: β {r['token_cost']:.3f}"
+                        + (f", draft step {r['draft_cost']:.2f} of a target step" if r["draft_cost"] else ""))
     if args.json:
         write_json(args.json, r)
     return 0

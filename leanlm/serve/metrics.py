@@ -95,6 +95,10 @@ def _spec_families(spec, model_name: str):
                  spec.acceptance_rate)
     yield family(G, "spec_decode_mean_accepted_length", "Tokens emitted per verification (accepted drafts "
                  "+ 1, cumulative).", spec.mean_accepted_len)
+    yield family(G, "spec_decode_token_cost", "The cost model's beta: each further token in a forward "
+                 "relative to a one-token forward (measured at load).", spec.token_cost)
+    yield family(G, "spec_decode_draft_cost", "A draft model's one-token step relative to the target's "
+                 "(measured at load; 0 without a draft model).", spec.draft_cost)
     yield family(G, "spec_decode_acceptance_estimate", "Running acceptance rate (decayed over ~50 recent "
                  "drafts) with which the fixed proposers choose their draft length.", spec.acceptance_estimate)
     yield family(C, "spec_decode_num_drafting_off_steps", "Steps with decoding sequences in which nobody "

@@ -6,17 +6,26 @@ forward pushing t tokens through a fraction f of the decoder layers, with the LM
 costs  f·(1-h)·(1 + β(t-1)) + h·(1 + β(r-1))  (no head term when r = 0), where h is the head's
 share of a one-token step (its parameters' share: decode is a pass over the weights) and β the
 extra cost of each further token in the same forward. At batch 1 on a CPU a forward is bound by
-reading the weights, so β is small (~0.1: fp32 GEMMs of a 135M model are ~1.8 ms of compute per
-token vs ~20 ms of weight reads); as the batch grows the forward turns compute-bound and every
+reading the weights, so β is small; as the batch grows the forward turns compute-bound and every
 drafted token costs its share: that is what turns speculation down in large batches.
+
+β depends on the kernels and the machine, so the engine measures it when it loads a proposer
+(`calibrate_token_cost`: the model's own linear layers, timed at 1 and 8 rows, ~0.3 s for a 135M
+model; the native packed kernels give ~0.03, MKL's sgemm ~0.15), and a draft model's cost
+relative to the target the same way (`relative_step_time`). TOKEN_COST is the prior used without
+a measurement.
 
 A draft of k tokens whose per-token acceptance is α (independent) yields on average
 (1 - α^(k+1)) / (1 - α) tokens per verification (accepted drafts + the target's own token).
 """
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 TOKEN_COST = 0.1  # β: default cost of one more token in a forward, relative to a one-token step
 
@@ -109,3 +118,55 @@ def step_bytes(model) -> int:
     """Bytes a one-token step reads (decoder layers + LM head): a draft model's cost relative to
     the target's is the ratio of these (decode reads the weights once per step)."""
     return _bytes(model.lm_head) + _bytes(model.layers)
+
+
+CALIBRATION_ROWS = 8            # a verification of 7 drafts, or 8 decoding sequences
+TOKEN_COST_RANGE = (0.01, 1.0)  # a measured β is clamped here (timing noise on a tiny model)
+
+
+def _linears(model) -> list:
+    from leanlm.models.layers import Linear
+
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, Linear) and id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+@torch.inference_mode()
+def time_linears(model, rows_list: list[int], repeats: int = 5) -> dict[int, float]:
+    """Median seconds to run every linear layer of `model` (decoder layers and LM head) once on
+    random inputs of each row count in rows_list; the sizes are interleaved in every repeat so
+    the machine's drift hits them alike, and a first pass warms up."""
+    lins = _linears(model)
+    device, dtype = model.embed_tokens.weight.device, model.dtype
+    xs = {(r, lin.in_features): torch.randn(r, lin.in_features, dtype=dtype, device=device)
+          for r in rows_list for lin in lins}
+    times: dict[int, list[float]] = {r: [] for r in rows_list}
+    for rep in range(repeats + 1):
+        for r in rows_list:
+            t0 = time.perf_counter()
+            for lin in lins:
+                lin(xs[(r, lin.in_features)])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if rep:
+                times[r].append(time.perf_counter() - t0)
+    return {r: statistics.median(t) for r, t in times.items()}
+
+
+def calibrate_token_cost(model, rows: int = CALIBRATION_ROWS) -> float:
+    """β measured on this machine: the extra cost of each further row in one forward of the
+    model's linear layers, relative to a one-row forward, clamped to TOKEN_COST_RANGE."""
+    t = time_linears(model, [1, rows])
+    beta = (t[rows] / t[1] - 1.0) / (rows - 1)
+    lo, hi = TOKEN_COST_RANGE
+    return min(hi, max(lo, beta))
+
+
+def relative_step_time(draft, target) -> float:
+    """A draft model's one-token forward relative to the target's, both measured (linear layers;
+    a module they share, such as the LM head, counts in both)."""
+    return time_linears(draft, [1])[1] / time_linears(target, [1])[1]

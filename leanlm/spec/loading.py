@@ -40,11 +40,13 @@ def load_draft_proposer(spec: SpecConfig, engine) -> DraftModelProposer:
         model, mc = load_model(engine.model_path, cfg.torch_dtype, cfg.torch_device,
                                method=weight_method_factory(quant))
         share_unquantized(engine.model, model, head=not spec.quant_head)
-    from leanlm.spec.cost import step_bytes
+    from leanlm.spec.cost import relative_step_time, step_bytes
 
     proposer = DraftModelProposer(model, mc, engine.cache, engine.model_config.vocab_size, engine.sampler,
                                   name=spec.kind, conf=spec.conf)
-    proposer.draft_cost = step_bytes(model) / step_bytes(engine.model)
+    # measured where allowed (kernels differ in speed per byte: int8 widening, MKL vs packed)
+    proposer.draft_cost = (relative_step_time(model, engine.model) if cfg.spec_calibrate
+                           else step_bytes(model) / step_bytes(engine.model))
     return proposer
 
 

@@ -30,7 +30,7 @@ import torch
 
 from leanlm.engine.sampling import _to_host, position_states
 from leanlm.spec.config import SpecConfig
-from leanlm.spec.cost import CostModel, head_fraction
+from leanlm.spec.cost import TOKEN_COST, CostModel, calibrate_token_cost, head_fraction
 from leanlm.spec.proposer import Draft, Proposer
 from leanlm.spec.verify import greedy_accept, speculative_sample
 
@@ -52,6 +52,8 @@ class SpecStats:
     exit_layer: int = 0       # early-exit:auto: the latest step's choice (0: off)
     acceptance_estimate: float = 0.0  # the running (decayed) rate the policy uses
     layer_acceptance: dict = field(default_factory=dict)  # early-exit:auto: exit layer -> global estimate
+    token_cost: float = 0.0   # the cost model's β (measured at load unless spec_calibrate is off)
+    draft_cost: float = 0.0   # a draft model's one-token step relative to the target's (0: none)
 
     def __copy__(self) -> "SpecStats":
         """A snapshot (EngineStats.spec): its counters are not the live ones, which the engine
@@ -212,13 +214,14 @@ def build_speculator(spec: SpecConfig, engine) -> Speculator:
     from leanlm.spec.proposer import NgramProposer
 
     cfg = engine.config
-    cost = CostModel(len(engine.model.layers), head_fraction(engine.model))
+    beta = calibrate_token_cost(engine.model) if cfg.spec_calibrate else TOKEN_COST
+    cost = CostModel(len(engine.model.layers), head_fraction(engine.model), beta)
     if spec.kind == "ngram":
         proposer = NgramProposer(spec.n)
     elif spec.auto:
         from leanlm.spec.dynamic_exit import DynamicExitProposer
 
-        proposer = DynamicExitProposer(engine.model, engine.cache, engine.sampler, spec.k, spec.conf)
+        proposer = DynamicExitProposer(engine.model, engine.cache, engine.sampler, spec.k, spec.conf, beta)
     elif spec.kind == "early-exit":
         from leanlm.spec.early_exit import EarlyExitProposer
 
@@ -227,4 +230,7 @@ def build_speculator(spec: SpecConfig, engine) -> Speculator:
         from leanlm.spec.loading import load_draft_proposer
 
         proposer = load_draft_proposer(spec, engine)
-    return Speculator(spec, proposer, engine.cache, cfg.spec_max_batch, cfg.max_num_batched_tokens, cost)
+    speculator = Speculator(spec, proposer, engine.cache, cfg.spec_max_batch, cfg.max_num_batched_tokens, cost)
+    speculator.stats.token_cost = beta
+    speculator.stats.draft_cost = getattr(proposer, "draft_cost", 0.0)
+    return speculator

@@ -21,6 +21,8 @@ from leanlm.spec.config import SpecConfig
     ("early-exit:auto:conf=0:k=4", "early-exit:auto:k=4:conf=0"),
     ("early-exit:8:conf=0.4", "early-exit:8:k=4:conf=0.4"),
     ("self:rtn:int8:conf=0.5", "self:rtn:int8:k=4:conf=0.5"),
+    ("self:rtn:int8:head=quant:k=5", "self:rtn:int8:k=5:head=quant"),
+    ("self:rtn:int8:head=shared", "self:rtn:int8:k=4"),
     ("draft:/m:conf=0.25:k=2", "draft:/m:k=2:conf=0.25"),
 ])
 def test_parse_round_trips(text, canonical):
@@ -44,6 +46,8 @@ def test_parse_round_trips(text, canonical):
     ("draft:", "needs an argument"),
     ("draft:m:n=2", "option 'n'"),
     ("self:rtn:int99", "bad quant spec"),
+    ("self:rtn:int8:head=int4", "head='int4'"),
+    ("draft:m:head=quant", "option 'head'"),
     ("", "empty"),
 ])
 def test_bad_specs_name_the_value_and_the_forms(bad, says):

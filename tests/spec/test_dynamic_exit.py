@@ -101,7 +101,7 @@ def test_finds_the_agreeing_exit_layer_and_stays_exact(base, tmp_path):
     # layer 2 nearly an identity: exiting after layer 2 agrees with the target almost always
     path = scaled_model(base, tmp_path / "late-identity", 0.02)
     want = ids(LLM(path).generate(prompts(), GREEDY))
-    llm = LLM(path, spec="early-exit:auto")
+    llm = LLM(path, spec="early-exit:auto", spec_calibrate=False)  # the prior β: a fixed policy
     assert [ids(llm.generate([p], GREEDY))[0] for p in prompts()] == want
     assert ids(llm.generate(prompts(), GREEDY)) == want  # batched: one exit layer for the step
     s = llm.engine.stats().spec
@@ -116,7 +116,7 @@ def test_turns_itself_off_when_no_layer_agrees(base, tmp_path):
     # layer 2 dominating the output: no earlier exit predicts the target's tokens
     path = scaled_model(base, tmp_path / "late-heavy", 30.0)
     want = ids(LLM(path).generate(prompts(), GREEDY))
-    llm = LLM(path, spec="early-exit:auto")
+    llm = LLM(path, spec="early-exit:auto", spec_calibrate=False)  # the prior β: a fixed policy
     est = llm.engine.speculator.proposer.estimator
     est.hits, est.count = [50.0, 50.0], [50.0, 50.0]  # start convinced that every layer agrees
     assert ids(llm.generate(prompts(), GREEDY)) == want

@@ -47,7 +47,7 @@ def test_fixed_proposers_turn_down_in_batches_not_at_batch_1(path):
     """Believed acceptance 5%: with 4 decoding sequences the cost model predicts a loss and
     drafts nothing (off_cost steps); once one sequence is left (batch 1) the fixed proposer
     drafts its k as asked. Outputs stay exact."""
-    llm = LLM(path, spec="ngram:n=2:k=4", spec_max_batch=64)
+    llm = LLM(path, spec="ngram:n=2:k=4", spec_max_batch=64, spec_calibrate=False)
     llm.engine.speculator.set_estimate(0.05, weight=1e6)  # a belief no verification moves much
     staggered = prompts()
     params = [SamplingParams(temperature=0, max_tokens=30 + 10 * i, ignore_eos=True) for i in range(4)]
@@ -67,7 +67,7 @@ def test_fixed_proposers_turn_down_in_batches_not_at_batch_1(path):
 
 
 def test_optimistic_estimate_drafts_in_small_batches(path, expected):
-    llm = LLM(path, spec="ngram:n=2:k=4", spec_max_batch=64)
+    llm = LLM(path, spec="ngram:n=2:k=4", spec_max_batch=64, spec_calibrate=False)
     llm.engine.speculator.set_estimate(0.99, weight=1e6)
     assert ids(llm.generate(prompts(), GREEDY)) == expected
     s = llm.engine.stats().spec

@@ -27,10 +27,14 @@ def token_ids(outs):
 
 
 def speculating(llm):
-    """Believe the proposer's drafts are always accepted, so that the batch-size turn-down
+    """Believe the proposer's drafts are always accepted (and a draft model cheap: on a tiny model
+    its measured step costs about the target's), so that the batch-size turn-down
     (tests/spec/test_policy.py) keeps drafting in these batches: here the point is that batched
     verification and rollback stay exact, whatever the acceptance."""
-    (llm.engine if hasattr(llm, "engine") else llm).speculator.set_estimate(1.0, weight=1e9)
+    sp = (llm.engine if hasattr(llm, "engine") else llm).speculator
+    sp.set_estimate(1.0, weight=1e9)
+    if hasattr(sp.proposer, "draft_cost"):
+        sp.proposer.draft_cost = 0.1
     return llm
 
 
@@ -174,3 +178,18 @@ def test_no_drafting_in_large_batches(path, expected):
     alone = llm.engine.stats().spec.drafted
     assert token_ids(llm.generate(prompts()[:1], GREEDY)) == expected[:1]
     assert llm.engine.stats().spec.drafted > alone  # batch 1 drafts again
+
+
+def test_self_draft_head_is_shared_or_quantized(path):
+    from leanlm.quant.weight_only import WeightOnlyMethod
+
+    shared = LLM(path, spec="self:rtn:int8").engine
+    assert shared.speculator.proposer.model.lm_head is shared.model.lm_head
+    own = LLM(path, spec="self:rtn:int8:head=quant").engine
+    head = own.speculator.proposer.model.lm_head
+    assert head is not own.model.lm_head and isinstance(head.method, WeightOnlyMethod)
+    assert own.speculator.proposer.model.embed_tokens is own.model.embed_tokens  # still shared
+    plain = [o.outputs[0].token_ids for o in LLM(path).generate(prompts(), GREEDY)]
+    llm = speculating(LLM(path, spec="self:rtn:int8:head=quant"))
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY)] == plain
+    assert llm.engine.stats().spec.accepted > 0
