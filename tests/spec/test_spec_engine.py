@@ -27,12 +27,17 @@ def token_ids(outs):
 
 
 def speculating(llm):
-    """Believe the proposer's drafts are always accepted (and a draft model cheap: on a tiny model
-    its measured step costs about the target's), so that the batch-size turn-down
+    """Believe the proposer's drafts are always accepted, with the prior β and a cheap draft model
+    (on a tiny model the measured costs are timing noise around per-call overhead), so that the batch-size turn-down
     (tests/spec/test_policy.py) keeps drafting in these batches: here the point is that batched
     verification and rollback stay exact, whatever the acceptance."""
+    from dataclasses import replace
+
+    from leanlm.spec.cost import TOKEN_COST
+
     sp = (llm.engine if hasattr(llm, "engine") else llm).speculator
     sp.set_estimate(1.0, weight=1e9)
+    sp.cost = replace(sp.cost, token_cost=TOKEN_COST)  # not the tiny model's noisy measurement
     if hasattr(sp.proposer, "draft_cost"):
         sp.proposer.draft_cost = 0.1
     return llm
