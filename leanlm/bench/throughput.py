@@ -154,6 +154,18 @@ def run_throughput(llm, prompts: list[str], output_len: int = 128, max_prompt_le
     return report
 
 
+def run_kv_baseline(llm, prompts: list[str], output_len: int, max_prompt_len: int) -> dict:
+    """The same requests on an engine with another KV codec (--kv-baseline): its throughput, how
+    many sequences its pool fits and how often it preempted."""
+    reqs, _ = prepare_requests(llm, prompts, max_prompt_len, output_len)
+    warm_up(llm)
+    preempted = llm.engine.stats().num_preemptions
+    result = time_batched(llm, reqs, output_len)
+    result["num_preemptions"] = llm.engine.stats().num_preemptions - preempted
+    result.update(kv_capacity(llm, sum(map(len, reqs)) / len(reqs) + output_len))
+    return result
+
+
 def kv_capacity(llm, tokens_per_seq: float) -> dict:
     """The KV cache's codec and size: bytes per token, the bytes it holds, its capacity in tokens,
     and how many sequences of `tokens_per_seq` tokens fit at once (at most max_num_seqs)."""
@@ -184,6 +196,11 @@ def print_report(report: dict) -> None:
     if "hf" in report:
         rows.append(row(f"hf generate (batches of {report['hf']['batch_size']})", report["hf"],
                         report["ratio_vs_hf"]))
+    if "kv_baseline" in report:
+        b = report["kv_baseline"]
+        rows[0][0] += f" --kv {report['kv']}"
+        rows.append(row(f"leanlm --kv {b['kv']} ({b['seqs_fit']} sequences fit, {b['num_preemptions']} "
+                        f"preemptions)", b, report["ratio_vs_kv_baseline"]))
     kv = (f"kv {report['kv']}: {report['kv_capacity_tokens']} tokens, {report['seqs_fit']} sequences fit, "
           f"{report['num_preemptions']} preemptions · ") if "kv" in report else ""
     caption = (f"{report['model']} · {report['dtype']} · {report['device']} · {report['threads']} threads · {kv}"
@@ -230,14 +247,18 @@ def add_parser(sub, add_model_args) -> None:
                    help="run baselines on the first K prompts only (at most --num-prompts), as they can be slow "
                         "(default: all); "
                         "their throughput is measured on those K")
+    p.add_argument("--kv-baseline", default=None, metavar="SPEC",
+                   help="also run the same prompts on a second engine whose KV cache uses codec SPEC "
+                        "(e.g. bf16) under the same --kv-cache-memory, in this process: the ratio "
+                        "compares --kv with it")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for every engine (default: torch's current setting)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write request_throughput, output_throughput, total_token_throughput, elapsed_s, "
                         "token totals, sequential / hf sections and ratio_vs_* (leanlm output tok/s / "
                         "baseline's), the KV cache (kv, kv_bytes_per_token, kv_compression, kv_cache_bytes, "
-                        "kv_capacity_tokens, seqs_fit: sequences of mean length that fit, num_preemptions) "
-                        "and the config (model, dtype, prompt_tokens, threads, ...) to PATH")
+                        "kv_capacity_tokens, seqs_fit: sequences of mean length that fit, num_preemptions), "
+                        "a kv_baseline section and ratio_vs_kv_baseline with --kv-baseline, and the config (model, dtype, prompt_tokens, threads, ...) to PATH")
     p.set_defaults(func=cmd_throughput)
 
 
@@ -256,6 +277,11 @@ def cmd_throughput(args) -> int:
                             baseline=args.baseline, vs=args.vs, hf_batch_size=args.hf_batch_size,
                             baseline_prompts=args.baseline_prompts, model=model_name(args.model),
                             threads=torch.get_num_threads(), dataset=str(path))
+    if args.kv_baseline is not None:
+        del llm  # one engine's weights and KV pool in memory at a time
+        base = load_llm(args, enable_prefix_caching=False, kv=args.kv_baseline, **extra)
+        report["kv_baseline"] = run_kv_baseline(base, prompts, args.output_len, args.max_prompt_len)
+        report["ratio_vs_kv_baseline"] = report["output_throughput"] / report["kv_baseline"]["output_throughput"]
     print_report(report)
     if args.json:
         write_json(args.json, report)

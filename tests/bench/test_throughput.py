@@ -140,3 +140,20 @@ def test_kv_budget_fields_say_how_many_sequences_fit(data_dir, tiny_model_dir, t
     # bf16: 3 layers x 2 heads x 2 x 16 x 2 = 384 B/token; kivi:2 at g16: 3 x 2 x (8 codes + 4 K + 4 V (s, z))
     assert (fields["bf16"]["kv_bytes_per_token"], fields["kivi:2:g16"]["kv_bytes_per_token"]) == (384, 96)
     assert fields["kivi:2:g16"]["kv_capacity_tokens"] > fields["bf16"]["kv_capacity_tokens"]
+
+
+def test_kv_baseline_runs_the_same_requests_on_another_codec(data_dir, tiny_model_dir, tmp_path, capsys):
+    """--kv-baseline SPEC: a second engine, same budget and requests, another codec; the ratio is
+    the two output throughputs and each side says how many sequences it fit."""
+    model, out = str(tiny_model_dir("llama")), tmp_path / "r.json"
+    assert main(["bench", "throughput", "--model", model, "--num-prompts", "4", "--output-len", "24",
+                 "--max-num-seqs", "4", "--kv", "kivi:2:g16", "--kv-baseline", "bf16",
+                 "--kv-cache-memory", "160KiB", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    b = r["kv_baseline"]
+    assert r["kv"] == "kivi:2:g16" and b["kv"] == "bf16"
+    assert b["total_output_tokens"] == r["total_output_tokens"] == 4 * 24
+    assert b["total_prompt_tokens"] == r["total_prompt_tokens"]
+    assert r["ratio_vs_kv_baseline"] == pytest.approx(r["output_throughput"] / b["output_throughput"])
+    assert b["kv_capacity_tokens"] < r["kv_capacity_tokens"] and b["num_preemptions"] >= 0
+    assert "--kv bf16" in capsys.readouterr().out
