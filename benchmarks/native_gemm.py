@@ -1,11 +1,12 @@
-"""Float32 linear layers at small M: MKL's F.linear vs leanlm's packed native kernel (sgemm.c).
+"""Float32 linear layers at small M: MKL's F.linear vs leanlm's packed native kernel (sgemm.c);
+with --int8, INT8 weights: torch's int8pack (bfloat16 activations) vs leanlm's qgemm.c (float32).
 
 Times the 30 decoder layers' linears of SmolLM2-135M (fused qkv 576->960, o 576->576, fused
 gate/up 576->3072, down 1536->576; random weights of those shapes, 30 distinct copies so the
 weights stream from memory as in decoding) and the LM head (576->49152), at M rows per call: M = 1
 is a decode step, M = k+1 a speculative verification of k drafts. Median of --repeats.
 
-    python benchmarks/native_gemm.py [--rows 1 2 5 9 16] [--repeats 7]
+    python benchmarks/native_gemm.py [--rows 1 2 5 9 16] [--repeats 7] [--int8]
 """
 from __future__ import annotations
 
@@ -39,7 +40,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 9, 16])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--int8", action="store_true",
+                    help="int8 per-channel weights: torch._weight_int8pack_mm vs native qgemm")
     args = ap.parse_args()
+    if args.int8:
+        return int8_table(args)
     if gemm.kernel() is None:
         raise SystemExit("the native kernel is unavailable (no C compiler, or LEANLM_NATIVE=0)")
     torch.manual_seed(0)
@@ -63,6 +68,31 @@ def main() -> None:
         base = base or nat + hn
         table.add_row(str(m), f"{mkl:.2f}", f"{nat:.2f}", f"{mkl / nat:.2f}x", f"{hm:.2f}", f"{hn:.2f}",
                       f"{hm / hn:.2f}x", f"{(nat + hn) / base:.2f}")
+    Console().print(table)
+
+
+def int8_table(args) -> None:
+    from leanlm.native import qgemm
+
+    if qgemm.kernel() is None:
+        raise SystemExit("the native kernel is unavailable (no C compiler, or LEANLM_NATIVE=0)")
+    torch.manual_seed(0)
+    shapes = SHAPES * args.layers + [HEAD]
+    codes = [torch.randint(-127, 128, s, dtype=torch.int8) for s in shapes]  # distinct: streamed
+    scales = [torch.rand(s[0]) * 0.01 for s in shapes]
+    panels = [qgemm.pack(c) for c in codes]
+    bf_scales = [s.bfloat16() for s in scales]
+    table = Table(title=f"int8 linears, {args.layers} layers + LM head, {torch.get_num_threads()} threads "
+                        f"(ms per forward, median of {args.repeats})")
+    for col in ("rows", "int8pack (bf16 act.)", "native (fp32 act.)", "x"):
+        table.add_column(col, justify="right")
+    for m in args.rows:
+        xs = {576: torch.randn(m, 576), 1536: torch.randn(m, 1536)}
+        tp = timed(lambda: [torch._weight_int8pack_mm(xs[c.shape[1]].bfloat16(), c, s).float()
+                            for c, s in zip(codes, bf_scales)], args.repeats)
+        nat = timed(lambda: [qgemm.linear_(xs[c.shape[1]], p, s, c.shape[0], None)
+                             for c, p, s in zip(codes, panels, scales)], args.repeats)
+        table.add_row(str(m), f"{tp:.2f}", f"{nat:.2f}", f"{tp / nat:.2f}x")
     Console().print(table)
 
 
