@@ -298,7 +298,7 @@ class LLMEngine:
             seq.cumulative_logprob += sampled
         p = seq.params
         step = seq.detok.step(token)
-        seq.last_delta = step.delta
+        seq.last_delta += step.delta  # a verified draft appends several tokens in one step
         if step.stopped:
             return self._finish(seq, "stop", step.stop_reason)
         if not p.ignore_eos and token in self.eos_token_ids and seq.num_output_tokens >= p.min_tokens:

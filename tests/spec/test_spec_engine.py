@@ -198,3 +198,17 @@ def test_self_draft_head_is_shared_or_quantized(path):
     llm = speculating(LLM(path, spec="self:rtn:int8:head=quant"))
     assert [o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY)] == plain
     assert llm.engine.stats().spec.accepted > 0
+
+
+def test_streamed_deltas_carry_every_verified_token(path):
+    """A step that accepts drafts appends several tokens: its delta must hold all their text (it
+    held only the last token's, so `leanlm generate --spec` and SSE streams dropped text)."""
+    llm = speculating(LLM(path, spec="self:rtn:int8"))
+    p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    text, sizes, last = "", [], None
+    for out in llm.stream(prompts()[0], p):
+        text += out.deltas.get(0, "")
+        sizes.append(len(out.outputs[0].token_ids) - (len(last.outputs[0].token_ids) if last else 0))
+        last = out
+    assert max(sizes) > 1  # some step emitted accepted drafts
+    assert text == last.outputs[0].text and len(last.outputs[0].token_ids) == 30
