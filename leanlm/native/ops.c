@@ -58,13 +58,42 @@ void add_rmsnorm_f32(const float *x, const float *h, int M, int N, const float *
     }
 }
 
+typedef int v16i __attribute__((vector_size(64)));
+
+/* exp(x) for 16 floats: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its degree-6 Taylor polynomial
+   (relative error < 2e-7 on that range), 2^n built in the exponent bits. libm's expf is scalar
+   here (GCC vectorises it only under -ffast-math), which made SiLU ~8% of a 512-token prefill. */
+static inline v16 exp16(v16 x) {
+    const v16i over = x > 88.f, under = x < -87.f;  /* clamp: 2^n stays a normal float */
+    x = (v16)((over & (v16i)((v16){0} + 88.f)) | (under & (v16i)((v16){0} - 87.f))
+              | (~(over | under) & (v16i)x));
+    const v16 t = x * 1.44269504f + 0.5f;
+    v16i n = __builtin_convertvector(t, v16i);
+    n -= (v16i)(__builtin_convertvector(n, v16) > t) & 1;  /* floor for negative t */
+    const v16 nf = __builtin_convertvector(n, v16);
+    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;  /* ln2 in two parts (Cephes) */
+    v16 p = (v16){0} + 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    return p * (v16)((n + 127) << 23);
+}
+
 /* gate_up [M, 2I] (gate then up) -> out [M, I] = silu(gate) * up. */
 void silu_mul_f32(const float *gu, int M, int I, float *out) {
     #pragma omp parallel for schedule(static) if ((long)M * I >= 65536)
     for (int m = 0; m < M; m++) {
         const float *g = gu + (size_t)m * 2 * I, *u = g + I;
         float *o = out + (size_t)m * I;
-        for (int i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        int i = 0;
+        for (; i + 16 <= I; i += 16) {
+            const v16 gv = *(const v16 *)(g + i);
+            *(v16 *)(o + i) = gv / (1.f + exp16(-gv)) * *(const v16 *)(u + i);
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
 }
 

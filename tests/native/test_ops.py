@@ -35,6 +35,18 @@ def test_silu_mul():
     assert (ops.silu_mul(gu).double() - ref).abs().max() < 1e-5
 
 
+def test_silu_vector_exp_over_the_whole_range():
+    """The 16-wide exp (range reduction + polynomial, clamped) against float64 from -100 to 100,
+    odd widths (the scalar tail), and what torch gives for inf / nan."""
+    x = torch.cat([torch.linspace(-100, 100, 40001), torch.tensor([1e-30, -1e-30, 0.0])])
+    x = torch.cat([x, torch.tensor([float("inf"), float("nan")])]).reshape(1, -1)  # width 40006
+    y = ops.silu_mul(torch.cat([x, torch.ones_like(x)], dim=1))[0].double()
+    ref = F.silu(x.double())[0]
+    ok = torch.isfinite(ref) & (ref.abs() > 1e-30)
+    assert ((y[ok] - ref[ok]).abs() / ref[ok].abs()).max() < 1e-6
+    assert y[-2] == float("inf") and torch.isnan(y[-1])
+
+
 @pytest.mark.parametrize("heads, D", [(12, 64), (3, 32), (2, 6)])
 def test_rope_in_place_matches_the_module(heads, D):
     rope = RotaryEmbedding(D, 4096, 10000.0, None, torch.float32)
