@@ -135,11 +135,12 @@ static inline float hsum(v16 a) {
    tables[r, :] (slot = block * bs + offset); out [R, Hq, D]. The G = Hq / Hkv query heads of a KV
    head share its keys (GQA) and are scored together, each key read once. Softmax in float32 with
    the max subtracted, as SDPA. */
-void paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, int D,
-                         const float *kc, const float *vc, const long *tables, int nblk,
-                         const long *lens, int bs, float scale, float *out) {
+int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, int D,
+                        const float *kc, const float *vc, const long *tables, int nblk,
+                        const long *lens, int bs, float scale, float *out) {
     const int G = Hq / Hkv;
     const int fast = D % 16 == 0 && D <= 16 * MAX_DV && G <= MAX_G;
+    int err = 0;
     #pragma omp parallel for schedule(dynamic, 1) collapse(2) if ((long)R * Hkv >= 2)
     for (int r = 0; r < R; r++)
         for (int h = 0; h < Hkv; h++) {
@@ -148,6 +149,10 @@ void paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, 
             const float *qh = q + (size_t)r * q_stride + (size_t)h * G * D;
             float *oh = out + ((size_t)r * Hq + (size_t)h * G) * D;
             float *p = malloc(sizeof(float) * (size_t)G * (L > 0 ? L : 1));  /* scores [G][L] */
+            if (!p) {
+                err = 1;  /* reported after the loop (no early exit from an OpenMP loop) */
+                continue;
+            }
             /* scores: token by token, block by block (no division per token) */
             for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
                 const int n = L - t0 < bs ? L - t0 : bs;
@@ -208,6 +213,7 @@ void paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, 
                 }
             free(p);
         }
+    return err ? -2 : 0;
 }
 
 
@@ -248,8 +254,8 @@ static void linear(const model_t *c, const linear_t *l, const float *x, int M, f
 
 /* x [M, H] is updated in place through layers[0..n); cos, sin_signed [M, D]; slots [M] where each
    row's K/V goes; row m attends to its first lens[m] tokens of tables[m, :nblk]; work holds
-   M * (4H + QKV + Q + 3I) floats. */
-void decoder_layers_f32(float *x, int M, const model_t *c, const layer_t *layers, int n,
+   M * (4H + QKV + Q + 3I) floats. Returns 0, or -2 when attention could not allocate its scores. */
+int decoder_layers_f32(float *x, int M, const model_t *c, const layer_t *layers, int n,
                         const float *cos, const float *sin_signed, const long *slots,
                         const long *tables, int nblk, const long *lens, float *work) {
     const long H = c->H, D = c->D, Q = c->Hq * D, KV = c->Hkv * D, QKV = Q + 2 * KV, I = c->I;
@@ -267,8 +273,9 @@ void decoder_layers_f32(float *x, int M, const model_t *c, const layer_t *layers
                 L->vc[slots[m] * KV + i] = row[Q + KV + i];
             }
         }
-        paged_attention_f32(qkv, QKV, M, (int)c->Hq, (int)c->Hkv, (int)D, L->kc, L->vc, tables, nblk,
-                            lens, (int)c->bs, c->scale, attn);
+        if (paged_attention_f32(qkv, QKV, M, (int)c->Hq, (int)c->Hkv, (int)D, L->kc, L->vc, tables,
+                                nblk, lens, (int)c->bs, c->scale, attn))
+            return -2;
         linear(c, &L->o, attn, M, o);
         add_rmsnorm_f32(x, o, M, (int)H, L->norm_post, c->eps, x2, h);
         linear(c, &L->gate_up, h, M, gu);
@@ -276,4 +283,5 @@ void decoder_layers_f32(float *x, int M, const model_t *c, const layer_t *layers
         linear(c, &L->down, act, M, d);
         for (long i = 0; i < M * H; i++) x[i] = x2[i] + d[i];
     }
+    return 0;
 }

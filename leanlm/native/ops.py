@@ -24,13 +24,14 @@ _SIGNATURES = {
     "paged_attention_f32": [_P, _L, _I, _I, _I, _I, _P, _P, _P, _I, _P, _I, _F, _P],
     "decoder_layers_f32": [_P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _P, _P],
 }
+_RETURNS = {"paged_attention_f32": ctypes.c_int, "decoder_layers_f32": ctypes.c_int}  # 0 or -2 (no memory)
 _lib = None
 _state: bool | None = None  # whether the library loaded (decided once per process)
 
 
 def _load() -> bool:
     global _lib, _state
-    fns = {name: native.function("ops", name, args) for name, args in _SIGNATURES.items()}
+    fns = {name: native.function("ops", name, args, _RETURNS.get(name)) for name, args in _SIGNATURES.items()}
     _state = all(f is not None for f in fns.values())
     _lib = SimpleNamespace(**fns) if _state else None
     return _state
@@ -91,12 +92,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise TypeError("paged_attention: int64 tables and lens, float32 caches")
     R, Hq, D = q.shape
     out = torch.empty_like(q)
-    _lib.paged_attention_f32(q.data_ptr(), Hq * D, R, Hq, k_cache.shape[1], D, k_cache.data_ptr(),
-                             v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
-                             block_size, D ** -0.5, out.data_ptr())
+    _check(_lib.paged_attention_f32(q.data_ptr(), Hq * D, R, Hq, k_cache.shape[1], D, k_cache.data_ptr(),
+                                    v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
+                                    block_size, D ** -0.5, out.data_ptr()))
     return out
+
+
+def _check(rc: int) -> None:
+    if rc:
+        raise MemoryError("native attention could not allocate its score buffer")
 
 
 def decoder_layers(*args) -> None:
     """ops.c's decoder_layers_f32 (see native/layers.py, which builds its arguments)."""
-    _lib.decoder_layers_f32(*args)
+    _check(_lib.decoder_layers_f32(*args))
