@@ -6,6 +6,7 @@ verification are the same call. Logits are computed only for the rows the caller
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -125,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                     cfg.rope_scaling, dtype)
         self.native = native_ops.available()  # may run its layers in one native call
-        self._native: dict = {}  # id(cache) -> native_layers.NativeLayers
+        self._native = weakref.WeakKeyDictionary()  # cache -> native_layers.NativeLayers
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, ctx) -> torch.Tensor:
         """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
@@ -148,9 +149,9 @@ class LlamaForCausalLM(nn.Module):
         """The native whole-layer executor for this cache, when this step can use it."""
         if not self.native or torch.compiler.is_compiling() or not native_layers.applicable(cache, ctx):
             return None
-        fast = self._native.get(id(cache))
-        if fast is None or fast.cache is not cache or (fast.ok and fast.stale()):
-            fast = self._native[id(cache)] = native_layers.NativeLayers(self, cache)
+        fast = self._native.get(cache)
+        if fast is None or (fast.ok and fast.stale()):
+            fast = self._native[cache] = native_layers.NativeLayers(self, cache)
         return fast if fast.ok else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
+import weakref
 
 import torch
 
@@ -89,12 +90,14 @@ class NativeLayers:
     """Descriptors of one model's layers on one cache; `run` or None when not applicable."""
 
     def __init__(self, model, cache):
-        self.model, self.cache = model, cache
+        # the model keeps these per cache in a WeakKeyDictionary: holding the cache (or the
+        # model) strongly here would keep a dropped cache's KV pool alive for the model's life
+        self.model = weakref.proxy(model)
         self.refs: list = []
-        self.ok = self._build()
+        self.ok = self._build(cache)
 
-    def _build(self) -> bool:
-        model, cache, cfg = self.model, self.cache, self.model.cfg
+    def _build(self, cache) -> bool:
+        model, cfg = self.model, self.model.cfg
         if (model.dtype != torch.float32 or cfg.qk_norm or not ops.available()
                 or gemm.kernel() is None or qgemm.kernel() is None):
             return False

@@ -201,3 +201,30 @@ def test_whole_layer_path_rebuilds_when_a_weight_is_replaced(tiny_model_dir):
     assert got.token_ids == ref.token_ids
     for x, y in zip(got.logprobs, ref.logprobs):
         assert {t: e.logprob for t, e in x.items()} == {t: e.logprob for t, e in y.items()}
+
+
+def test_a_dropped_cache_is_freed(tiny_model_dir):
+    """The model keeps its executors per cache weakly: a cache used once and dropped (another
+    engine's, an eval's) must not stay alive, with its KV pool, for the model's lifetime."""
+    import gc
+    import weakref
+
+    from leanlm import LLM
+    from leanlm.kv.cache import SeqSlice
+    from leanlm.kv.codecs import PlainCodec
+    from leanlm.kv.paged import PagedKVCache
+
+    model = LLM(str(tiny_model_dir("llama")), dtype="float32").engine.model
+    cfg = model.cfg
+    codec = PlainCodec(cfg.num_layers, 4 * 16, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
+    cache = PagedKVCache(codec, 4, 16, "cpu", cfg.num_kv_heads, enable_prefix_caching=False)
+    handle, _ = cache.admit([], 64)
+    assert cache.reserve(handle, 3)
+    ctx = cache.prepare([SeqSlice(handle, 0, 3, 0)])
+    with torch.inference_mode():
+        model(torch.tensor([1, 2, 3]), torch.arange(3), cache, ctx)
+    assert model._native[cache].ok  # the step ran on the native layers
+    pool = weakref.ref(codec.k[0])
+    del cache, codec, ctx, handle
+    gc.collect()
+    assert pool() is None and len(model._native) == 0  # (the engine itself has not run a step)
