@@ -52,9 +52,7 @@ def weight_method_factory(config: EngineConfig):
     def method(name: str):
         if name == "lm_head" and not config.quant_head:
             return default_method(dtype, device, compile)
-        m = WeightOnlyMethod.from_spec(fmt, spec)
-        m.native = not compile  # a native kernel is an opaque op to inductor: compile keeps torch's
-        return m
+        return WeightOnlyMethod.from_spec(fmt, spec, native=not compile)
 
     return method
 

@@ -26,9 +26,9 @@ class _Prefill:
     first_slot: int | None             # blocks adjacent: read slots first_slot.. as a view
     blocks: torch.Tensor | None        # else: the blocks to gather, [1, nblk]
     mask: torch.Tensor | None
-    # a short chunk on an exact codec with fused decode attention: each row attends like a
-    # decode step (block ids [n, nblk], contexts [n]), so verifying k drafts computes exactly
-    # what k + 1 decode steps would
+    # a short chunk on an exact codec with fused decode attention, in a step that also has a
+    # long chunk (else ctx.row_tables covers it): each row attends like a decode step (block ids
+    # [n, nblk], contexts [n]), so verifying k drafts computes exactly what k + 1 decode steps would
     fused_tables: torch.Tensor | None = None
     fused_lens: torch.Tensor | None = None
 
@@ -58,7 +58,8 @@ class PagedContext:
     decodes: list[_DecodeGroup] = field(default_factory=list)
     prefills: list[_Prefill] = field(default_factory=list)
     # when every row attends row by row (fused_rows, chunks of <= FUSED_ROWS_MAX): each row's
-    # block ids [T, nblk] and context [T], for the native whole-layer path (native/layers.py)
+    # block ids [T, nblk] and context [T], for one attention call per layer (attend) or the
+    # native whole-layer path (native/layers.py)
     row_tables: torch.Tensor | None = None
     row_lens: torch.Tensor | None = None
 
@@ -160,9 +161,13 @@ class PagedKVCache(KVCache):
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(s.start, s.start + s.n))
         ctx = PagedContext(seqs, all(s.n == 1 for s in seqs),
                            torch.tensor(slots, dtype=torch.long, device=self.device))
+        # every row attends row by row: one attention call per layer over all rows (row_tables)
+        row_wise = self.fused_rows and all(s.n <= FUSED_ROWS_MAX for s in seqs)
+        if row_wise:
+            self._row_tables(ctx)
         decodes = [s for s in seqs if s.n == 1]
         for group in _length_groups(decodes):
-            ctx.decodes.append(self._decode_group(group))
+            ctx.decodes.append(self._decode_group(group, fused=self.fused_decode and not row_wise))
         for s in seqs:
             if s.n == 1:
                 continue
@@ -177,26 +182,29 @@ class PagedKVCache(KVCache):
                     blocks = torch.tensor([s.kv.blocks[:nblk]], dtype=torch.long, device=self.device)
             p = _Prefill(s.start, s.n, s.q_offset, first, blocks,
                          prefill_mask(s.start, s.n, self.window, self.device))
-            if self.fused_rows and s.n <= FUSED_ROWS_MAX:
+            if self.fused_rows and not row_wise and s.n <= FUSED_ROWS_MAX:  # beside a long chunk
                 table = torch.tensor(s.kv.blocks[:nblk], dtype=torch.long, device=self.device)
                 p.fused_tables = table.expand(s.n, nblk).contiguous()
                 p.fused_lens = torch.arange(s.start + 1, end + 1, device=self.device)
             ctx.prefills.append(p)
-        if self.fused_rows and all(s.n <= FUSED_ROWS_MAX for s in seqs):
-            nblk = max(-(-(s.start + s.n) // bs) for s in seqs)
-            tables: list[list[int]] = []
-            lens: list[int] = []
-            for s in seqs:
-                row = s.kv.blocks[:nblk]
-                row = row + [0] * (nblk - len(row))
-                tables.extend([row] * s.n)
-                lens.extend(range(s.start + 1, s.start + s.n + 1))
-            ctx.row_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
-            ctx.row_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
         self.codec.plan_step(seqs, ctx.slot_mapping)
         return ctx
 
-    def _decode_group(self, group: list[SeqSlice]) -> _DecodeGroup:
+    def _row_tables(self, ctx: PagedContext) -> None:
+        """Each row's block ids (padded with block 0) and context, its own token included."""
+        bs = self.block_size
+        nblk = max(-(-(s.start + s.n) // bs) for s in ctx.seqs)
+        tables: list[list[int]] = []
+        lens: list[int] = []
+        for s in ctx.seqs:
+            row = s.kv.blocks[:nblk]
+            row = row + [0] * (nblk - len(row))
+            tables.extend([row] * s.n)
+            lens.extend(range(s.start + 1, s.start + s.n + 1))
+        ctx.row_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+        ctx.row_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
+
+    def _decode_group(self, group: list[SeqSlice], fused: bool) -> _DecodeGroup:
         bs = self.block_size
         lens = [s.start + 1 for s in group]
         kv_len = max(lens)
@@ -212,7 +220,7 @@ class PagedKVCache(KVCache):
             padded = [s.kv.blocks[:nblk] + [0] * (nblk - min(nblk, len(s.kv.blocks))) for s in group]
             tables = torch.tensor(padded, dtype=torch.long, device=self.device)
         dg = _DecodeGroup(rows, kv_len, first, tables, decode_mask(lens, self.window, self.device))
-        if self.fused_decode:
+        if fused:
             dg.fused_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
             dg.fused_tables = tables if tables is not None else torch.arange(
                 first // bs, first // bs + nblk, device=self.device).unsqueeze(0)
@@ -227,6 +235,10 @@ class PagedKVCache(KVCache):
             self.codec.write(layer, ctx.slot_mapping, k, v, self.layer_input)
         else:
             self.codec.write(layer, ctx.slot_mapping, k, v)
+        if ctx.row_tables is not None:  # every row in one call (None: compiling, take the paths below)
+            o = self.codec.decode_attention(layer, q, ctx.row_tables, ctx.row_lens)
+            if o is not None:
+                return o if rot is None else o @ rot.T
         out = torch.empty_like(q)
         for d in ctx.decodes:
             if d.fused_tables is not None:  # attention computed on the stored codes, no dequantized copy

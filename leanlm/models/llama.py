@@ -47,14 +47,13 @@ class Attention(nn.Module):
                             self.k_norm(k.view(T, c.num_kv_heads, c.head_dim))), dim=1)
         else:  # q and k are adjacent in the fused output: rotate them as one tensor
             qk = qkv[:, : c.q_size + c.kv_size].view(T, c.num_heads + c.num_kv_heads, c.head_dim)
-            if not getattr(cache, "rope_keys", False) and native_ops.usable(qkv, self.native) and qkv.is_contiguous():
-                native_ops.rope_(qkv, c.num_heads + c.num_kv_heads, c.head_dim, *rope_tables)  # in place
-                out = cache.attend(self.layer, qk[:, : c.num_heads], qk[:, c.num_heads:], v, ctx)
-                return self.o_proj(out.reshape(T, c.q_size))
         if getattr(cache, "rope_keys", False):  # the cache stores pre-RoPE keys, rotates them on read
             q, k = RotaryEmbedding.apply(qk[:, : c.num_heads], rope_tables), qk[:, c.num_heads:]
         else:
-            qk = RotaryEmbedding.apply(qk, rope_tables)
+            if not c.qk_norm and native_ops.usable(qkv, self.native) and qkv.is_contiguous():
+                native_ops.rope_(qkv, c.num_heads + c.num_kv_heads, c.head_dim, *rope_tables)  # qk is a view
+            else:
+                qk = RotaryEmbedding.apply(qk, rope_tables)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
         out = cache.attend(self.layer, q, k, v, ctx)
         return self.o_proj(out.reshape(T, c.q_size))
@@ -91,12 +90,13 @@ class DecoderLayer(nn.Module):
         if getattr(cache, "wants_layer_input", False):  # xquant:cl caches the residual stream itself
             cache.layer_input = x
         h = self.self_attn(self.input_layernorm(x), rope_tables, cache, ctx)
+        norm = self.post_attention_layernorm
         if native_ops.usable(x, self.native):  # the residual add and the next norm in one call
-            norm = self.post_attention_layernorm
             x, normed = native_ops.add_rms_norm(x, h, norm.weight, norm.eps)
-            return x + self.mlp(normed)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        else:
+            x = x + h
+            normed = norm(x)
+        return x + self.mlp(normed)
 
 
 # HF checkpoint name (inside a layer) -> (our module, fused shard or None)

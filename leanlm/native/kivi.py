@@ -15,13 +15,9 @@ _fn = None
 def kernel():
     global _fn
     if _fn is None and native.enabled():
-        lib = native.load("kivi_attention")
-        if lib is not None:
-            f = lib.kivi_decode_attention
-            f.argtypes = [_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P,
-                          _I, _I, _I, _P, _F, _P, _P, _P, _I, _F, _P]
-            f.restype = _I
-            _fn = f
+        _fn = native.function("kivi_attention", "kivi_decode_attention",
+                              [_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P,
+                               _I, _I, _I, _P, _F, _P, _P, _P, _I, _F, _P], _I)
     return _fn if native.enabled() else None
 
 

@@ -287,16 +287,14 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype, device: torch.de
             fmt = get_format(layers[name]["format"])
             rot = layers[name].get("rotation")
             if rot is None:
-                m = WeightOnlyMethod(fmt, spec.group_size)
-                m.native = not compile
-                return m
+                return WeightOnlyMethod(fmt, spec.group_size, native=not compile)
             from leanlm.quant.rotation import Rotation
 
             if rot.get("kind") != "hadamard":
                 raise ValueError(f"{name}: rotation {rot!r} is not supported (expected hadamard)")
-            m = WeightOnlyMethod(fmt, spec.group_size, rotate=True, rotate_block=spec.rotate_block)
+            m = WeightOnlyMethod(fmt, spec.group_size, rotate=True, rotate_block=spec.rotate_block,
+                                 native=not compile)
             m.rotation = Rotation(int(rot["block"]))  # the block the codes were made with
-            m.native = not compile
             return m
         return default_method(dtype, device, compile)
 

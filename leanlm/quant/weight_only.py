@@ -32,20 +32,20 @@ class WeightOnlyMethod(QuantMethod):
     while outliers are spread across the block before quantization (MR-GPTQ / QuaRot)."""
 
     def __init__(self, fmt: WeightFormat, group_size: int | None = None, rotate: bool = False,
-                 rotate_block: int | None = None):
+                 rotate_block: int | None = None, native: bool = True):
         self.fmt, self.group_size, self.rotate = fmt, group_size, rotate
         self.rotate_block = rotate_block  # requested Hadamard block; None: rotation.pick_block's default
         self.rotation = None  # set per layer (the block depends on its input features)
         self.kernel = None  # "int8-native", "int8", "int4" or "dequant", set when quantized
-        self.native = True  # may use leanlm/native kernels (off under torch.compile, see engine)
+        self.native = native  # may use leanlm/native kernels (False under torch.compile: opaque to inductor)
         self.table: torch.Tensor | None = None  # dequant path: value of each code at unit scale
         self.code_offset = 0                    # first code of the table (-128 for int8 codes)
         self.name = f"{fmt.name}" + (f":g{group_size}" if group_size else "") + ((":rotate" if rotate_block is None else f":rotate{rotate_block}") if rotate else "")
 
     @classmethod
-    def from_spec(cls, fmt: WeightFormat, spec) -> "WeightOnlyMethod":
+    def from_spec(cls, fmt: WeightFormat, spec, native: bool = True) -> "WeightOnlyMethod":
         """The method a QuantSpec describes (its group size and rotation)."""
-        return cls(fmt, spec.group_size, rotate=spec.rotate, rotate_block=spec.rotate_block)
+        return cls(fmt, spec.group_size, rotate=spec.rotate, rotate_block=spec.rotate_block, native=native)
 
     def rotation_for(self, in_features: int):
         if not self.rotate:

@@ -25,6 +25,7 @@ DEFAULT_CONF = 0.0  # fixed model drafters: no confidence stop
 AUTO_CONF = 0.3
 DEFAULT_NGRAM_N = 3
 MAX_K = 32
+OPTIONS = {"ngram": ("k", "n"), "self": ("k", "conf", "head")}  # name=value options; others: k, conf
 FORMS = ("ngram[:n=N][:k=K], early-exit:E|auto[:k=K][:conf=C], draft:MODEL[:k=K][:conf=C], "
          "self:QUANT[:k=K][:conf=C][:head=quant|shared] (e.g. ngram:n=3:k=8, early-exit:8, early-exit:auto, "
          "draft:/path/to/model:k=5, self:rtn:int4:g32:conf=0.4)")
@@ -80,8 +81,7 @@ class SpecConfig:
         options: dict[str, str] = {}
         while parts and "=" in parts[-1]:
             name, _, value = parts.pop().partition("=")
-            allowed = ("k", "n") if kind == "ngram" else ("k", "conf", "head") if kind == "self" else ("k", "conf")
-            if name in options or name not in allowed:
+            if name in options or name not in OPTIONS.get(kind, ("k", "conf")):
                 raise _bad(spec, f"option {name!r} is not allowed here or repeated")
             options[name] = value
         arg = ":".join(parts)

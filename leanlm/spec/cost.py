@@ -127,12 +127,7 @@ TOKEN_COST_RANGE = (0.01, 1.0)  # a measured β is clamped here (timing noise on
 def _linears(model) -> list:
     from leanlm.models.layers import Linear
 
-    seen, out = set(), []
-    for m in model.modules():
-        if isinstance(m, Linear) and id(m) not in seen:
-            seen.add(id(m))
-            out.append(m)
-    return out
+    return [m for m in model.modules() if isinstance(m, Linear)]  # modules() yields each once
 
 
 @torch.inference_mode()

@@ -81,7 +81,8 @@ class Speculator:
                  max_num_batched_tokens: int, cost: CostModel):
         self.spec, self.proposer, self.cache, self.cost = spec, proposer, cache, cost
         self.max_batch, self.token_budget = max_batch, max_num_batched_tokens
-        self.stats = SpecStats(str(spec))
+        self.stats = SpecStats(str(spec), token_cost=getattr(cost, "token_cost", 0.0),
+                               draft_cost=getattr(proposer, "draft_cost", 0.0))
         self.results: dict = {}  # sequence -> SampleResult of its emitted tokens (logprobs asked)
         self.set_estimate(PRIOR_ALPHA)  # decayed accepted / judged drafts
         self.enabled = True
@@ -230,7 +231,4 @@ def build_speculator(spec: SpecConfig, engine) -> Speculator:
         from leanlm.spec.loading import load_draft_proposer
 
         proposer = load_draft_proposer(spec, engine)
-    speculator = Speculator(spec, proposer, engine.cache, cfg.spec_max_batch, cfg.max_num_batched_tokens, cost)
-    speculator.stats.token_cost = beta
-    speculator.stats.draft_cost = getattr(proposer, "draft_cost", 0.0)
-    return speculator
+    return Speculator(spec, proposer, engine.cache, cfg.spec_max_batch, cfg.max_num_batched_tokens, cost)
