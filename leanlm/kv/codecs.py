@@ -17,6 +17,7 @@ class KVCodec:
     spec: str = "plain"  # goes into the prefix-cache hash: caches of different codecs never mix
     exact: bool = False  # reads return exactly what was written: a chunk may attend to its own k/v
     rotation: torch.Tensor | None = None  # [D, D] orthonormal: q, k, v enter the cache times it (kivi rotate)
+    rotate_qk: bool = True    # the rotation applies to q and k too (not with pre-RoPE keys: v only)
     rope_keys: bool = False   # keys are written before RoPE; reads return them rotated (xquant)
     wants_layer_input: bool = False  # write() also takes x, the layer's residual-stream input (xquant:cl)
     cross_layer: bool = False  # a layer's storage depends on the previous layer's in the same step

@@ -230,7 +230,9 @@ class PagedKVCache(KVCache):
         """q [T, Hq, D], k/v [T, Hkv, D] for the flattened batch -> [T, Hq, D]."""
         rot = self.codec.rotation
         if rot is not None:  # (qR)(kR)^T = qk^T; attention over vR gives out R, undone below (R^T = R^-1)
-            q, k, v = q @ rot, k @ rot, v @ rot
+            v = v @ rot
+            if self.codec.rotate_qk:  # not pre-RoPE keys: R does not commute with RoPE
+                q, k = q @ rot, k @ rot
         if self.wants_layer_input:
             self.codec.write(layer, ctx.slot_mapping, k, v, self.layer_input)
         else:

@@ -40,6 +40,16 @@ goes straight into every score of the block. Over the first 4 WikiText windows t
 s8 codec measured +5.3% (fp16 scales: +4.0% in an earlier session; docs/BENCHMARKS.md). The fused kernel reads the codes and the
 S8_TABLE floats the torch path uses.
 
+Pre-RoPE keys (`prerope`, KVQuant, Hooper et al. 2024). The model hands the cache its keys before
+RoPE and every read rotates them to their positions (0.. from the sequence's first block; the
+native kernel rotates each dequantized key before its dot products). Why: a key channel before
+RoPE keeps one sign and range over the tokens of a block, so a per-channel scale fits it; after
+RoPE each channel pair turns with the position, fastest in the high-frequency pairs, and its
+range over 64 tokens becomes the pair's whole magnitude circle. On SmolLM2 (WikiText, 16 windows,
+simulated 4-bit keys over 64-token groups) this cuts the keys' perplexity cost about 3x; see
+docs/BENCHMARKS.md. With `rotate` the Hadamard rotation then applies to values only (it does not
+commute with RoPE; q is left as it is).
+
 Window and sinks (`rR` with R > G, `sinkS`; R, S multiples of G). Full blocks are still quantized
 when they fill, but a block stays in full precision too while fewer than R tokens of its sequence
 start at or after it (the partial block and the last R/G - 1 full blocks), and the first S/G
@@ -276,8 +286,11 @@ class KiviCodec(KVCodec):
                  head_dim: int, dtype: torch.dtype, device: torch.device, bits: int, max_partial: int,
                  vbits: int | None = None, vgroup: int | None = None, rotate: bool = False,
                  ktoken: bool = False, knorm: bool = False, residual: int | None = None,
-                 sink: int = 0, scale_bits: int = 16):
+                 sink: int = 0, scale_bits: int = 16,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         vbits = vbits or bits
+        if rope is not None and (ktoken or knorm):
+            raise ValueError("kivi prerope keeps keys per channel with no norms: it excludes ktok and knorm")
         if scale_bits not in (8, 16):
             raise ValueError(f"kivi scale bits s{scale_bits} must be s8 or s16")
         residual = residual or block_size
@@ -297,7 +310,7 @@ class KiviCodec(KVCodec):
         self.spec = (f"kivi:{bits}:g{block_size}" + (f":r{residual}" if residual != block_size else "")
                      + (f":sink{sink}" if sink else "") + (f":v{vbits}" if vbits != bits else "")
                      + (f":c{self.vgroup}" if vgroup else "") + (":s8" if scale_bits == 8 else "")
-                     + (":rotate" if rotate else "")
+                     + (":prerope" if rope is not None else "") + (":rotate" if rotate else "")
                      + (":ktok" if ktoken else "") + (":knorm" if knorm else ""))
         self.bits, self.vbits, self.ktoken, self.knorm = bits, vbits, ktoken, knorm
         self.scale_bits = scale_bits
@@ -309,6 +322,16 @@ class KiviCodec(KVCodec):
             from leanlm.quant.rotation import hadamard_matrix
 
             self.rotation = hadamard_matrix(head_dim, dtype=dtype, device=device)
+        # prerope (KVQuant): keys arrive and are stored before RoPE, where each channel keeps one
+        # scale across tokens (RoPE turns a steady channel pair into one oscillating with the
+        # position); reads rotate them to their positions. The Hadamard rotation then applies to
+        # values only: it does not commute with RoPE.
+        self.rope_keys = rope is not None
+        self.rotate_qk = not self.rope_keys
+        self.rope_cos = self.rope_sin = None
+        if rope is not None:  # float32, padded by a block: a read covers whole blocks past the last position
+            pad = lambda t: torch.cat((t.float(), t.new_zeros(block_size, t.shape[1], dtype=torch.float32)))
+            self.rope_cos, self.rope_sin = (pad(t).to(device).contiguous() for t in rope)
         bs, H, D, P, PV = block_size, num_kv_heads, head_dim, head_dim * bits // 8, head_dim * vbits // 8
 
         def zeros(*shape, dt):
@@ -537,7 +560,17 @@ class KiviCodec(KVCodec):
         if partial.numel():  # blocks still filling: their full-precision residual
             k[partial] = self.rk[layer].index_select(0, res[partial])
             v[partial] = self.rv[layer].index_select(0, res[partial])
-        return k.view(B, nblk * bs, H, D), v.view(B, nblk * bs, H, D)
+        k = k.view(B, nblk * bs, H, D)
+        if self.rope_keys:  # every row starts at position 0 of its sequence
+            k = self._rope(k)
+        return k, v.view(B, nblk * bs, H, D)
+
+    def _rope(self, k: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE keys [B, n, H, D] at positions 0..n-1 -> rotated (float32 tables, as the kernel)."""
+        n, half = k.shape[1], k.shape[-1] // 2
+        cos, sin = self.rope_cos[:n, None, :], self.rope_sin[:n, None, :]
+        kf = k.float()
+        return (kf * cos + torch.cat((kf[..., half:], kf[..., :half]), dim=-1) * sin).to(k.dtype)
 
     fused_decode = True
 

@@ -2,7 +2,7 @@
 
     fp16 | bf16 | fp32                 plain storage in that dtype (read back in the compute dtype)
     fp8:e4m3 | fp8:e5m2                FP8 with a power-of-two scale per token and KV head
-    kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:rotate][:ktok|:knorm]
+    kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:prerope][:rotate][:ktok|:knorm]
                                        KIVI: BITS 8, 4, 3 or 2 (or int8 / int4 / int3 / int2); keys per
                                        channel over groups of G tokens (G = the cache block size),
                                        values per token over groups of C channels (default 32) with
@@ -14,8 +14,11 @@
                                        `s8`: every group's scale and zero in 8 bits each (a
                                        log-grid scale code, an int8 zero in units of the scale)
                                        instead of fp16 (s16, the default);
+                                       `prerope`: keys cached before RoPE (KVQuant), rotated to their
+                                       positions on every read;
                                        `rotate`: a per-head Walsh-Hadamard rotation of q, k, v before
                                        the cache (undone on the attention output), q.k unchanged;
+                                       with prerope, of v only;
                                        `ktok`: keys per token over C channels too, as values;
                                        `knorm`: per-token key norms, per-channel unit directions
     bfp:MANTISSA[:bBLOCK][:reorder]    block floating point, MANTISSA 2..16 bits (sign included),
@@ -34,8 +37,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:rotate][:ktok|:knorm] "
-           "(BITS, VBITS 8, 4, 3 or 2; R, S multiples of G, R >= G; s8: 8-bit scales and zeros), "
+ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:prerope][:rotate][:ktok|:knorm] "
+           "(BITS, VBITS 8, 4, 3 or 2; R, S multiples of G, R >= G; s8: 8-bit value scales and zeros; "
+           "prerope: keys cached before RoPE), "
            "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16), xquant:BITS[:gG][:cl] (BITS 8, 4, 3 or 2), "
            "minicache[:START][:T][:GAMMA][+INNER] (T, GAMMA in [0, 1]; INNER one of the above but xquant)")
 PLAIN = ("fp16", "bf16", "fp32")
@@ -61,6 +65,7 @@ class KVSpec:
     residual: int = 0            # kivi: full-precision window R in tokens (0: R = G, the partial block)
     sink: int = 0                # kivi: first S tokens of each sequence kept in full precision
     scale8: bool = False         # kivi: 8-bit scale codes and int8 zeros instead of fp16 (s8)
+    prerope: bool = False        # kivi: keys cached before RoPE, rotated on read (KVQuant)
     cl: bool = False             # xquant: cross-layer deltas of the residual stream
     start: int | None = None     # minicache: first merged layer (None: the middle)
     t: float = 0.6               # minicache: SLERP factor
@@ -87,6 +92,8 @@ class KVSpec:
     def _minicache(cls, opts: list[str], inner: "KVSpec") -> "KVSpec":
         if inner.kind in ("minicache", "xquant"):
             raise ValueError(f"minicache stores its directions with a per-layer codec, not {inner}")
+        if inner.prerope:
+            raise ValueError(f"minicache merges keys after RoPE; its inner codec cannot cache them before ({inner})")
         start = None
         if opts and re.fullmatch(r"\d+", opts[0]):
             start, opts = int(opts[0]), opts[1:]
@@ -120,10 +127,12 @@ class KVSpec:
             o = _options([x for x in opts[1:] if not x.startswith("sink")],
                          {"g": "group", "r": "residual", "v": "value bits", "c": "value group",
                           "s": "scale bits"},
-                         ("rotate", "ktok", "knorm"))
+                         ("rotate", "ktok", "knorm", "prerope"))
             group, residual, vbits = o.get("g"), o.get("r"), o.get("v", 0)
             if o.get("s", 16) not in (8, 16):
                 raise ValueError(f"kivi scale bits s{o['s']} must be s8 (8-bit scale and zero) or s16 (fp16, the default)")
+            if "prerope" in o and ("ktok" in o or "knorm" in o):
+                raise ValueError("kivi prerope keeps keys per channel with no norms: it excludes ktok and knorm")
             if vbits and vbits not in KIVI_BITS:
                 raise ValueError(f"kivi value bits v{vbits} must be v8, v4, v3 or v2")
             if residual is not None and group and residual < group:
@@ -138,7 +147,7 @@ class KVSpec:
             return cls("kivi", bits=bits, group=group, vbits=0 if vbits == bits else vbits,
                        vgroup=o.get("c", 0), rotate="rotate" in o, ktoken="ktok" in o,
                        knorm="knorm" in o, residual=0 if residual == group else (residual or 0),
-                       sink=sink, scale8=o.get("s") == 8)
+                       sink=sink, scale8=o.get("s") == 8, prerope="prerope" in o)
         if head == "xquant" and opts:
             o = _options(opts[1:], {"g": "group"}, ("cl",))
             return cls("xquant", bits=_bits(opts[0], "xquant"), block=o.get("g", XQUANT_DEFAULT_GROUP), cl="cl" in o)
@@ -161,7 +170,8 @@ class KVSpec:
             return (f"kivi:{self.bits}" + (f":g{self.group}" if self.group else "")
                     + (f":r{self.residual}" if self.residual else "") + (f":sink{self.sink}" if self.sink else "")
                     + (f":v{self.vbits}" if self.vbits else "") + (f":c{self.vgroup}" if self.vgroup else "")
-                    + (":s8" if self.scale8 else "") + (":rotate" if self.rotate else "") + (":ktok" if self.ktoken else "")
+                    + (":s8" if self.scale8 else "") + (":prerope" if self.prerope else "")
+                    + (":rotate" if self.rotate else "") + (":ktok" if self.ktoken else "")
                     + (":knorm" if self.knorm else ""))
         if self.kind == "xquant":
             return f"xquant:{self.bits}:g{self.block}" + (":cl" if self.cl else "")
@@ -195,6 +205,15 @@ def _positive(digits: str, name: str) -> int:
     return value
 
 
+def _rope_tables(spec: KVSpec, model, device):
+    """(cos, sin_signed) [max_positions, D] of the model's RoPE for kivi:...:prerope, else None."""
+    if not spec.prerope:
+        return None
+    if model is None:
+        raise ValueError(f"kv spec {spec} needs the model (its RoPE tables) to rotate cached keys on read")
+    return model.rope.cos.to(device), model.rope.sin_signed.to(device)
+
+
 def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_size: int,
                 num_kv_heads: int, head_dim: int, dtype, device, max_seqs: int, model=None):
     """The codec `spec` names (None: plain storage in the compute dtype, spec 'plain'). `model`
@@ -224,7 +243,8 @@ def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_s
                          bits=spec.bits, max_partial=max_seqs, vbits=spec.vbits or spec.bits,
                          vgroup=spec.vgroup or None, rotate=spec.rotate, ktoken=spec.ktoken,
                          knorm=spec.knorm, residual=spec.residual or None, sink=spec.sink,
-                         scale_bits=8 if spec.scale8 else 16)
+                         scale_bits=8 if spec.scale8 else 16,
+                         rope=_rope_tables(spec, model, device))
     if spec.kind == "bfp":
         from leanlm.kv.bfp import BfpCodec
 

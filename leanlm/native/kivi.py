@@ -17,7 +17,7 @@ def kernel():
     if _fn is None and native.enabled():
         _fn = native.function("kivi_attention", "kivi_decode_attention",
                               [_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P,
-                               _I, _I, _I, _P, _F, _P, _P, _P, _I, _F, _P], _I)
+                               _I, _I, _I, _P, _F, _P, _P, _P, _I, _P, _P, _F, _P], _I)
     return _fn if native.enabled() else None
 
 
@@ -48,7 +48,7 @@ def decode_attention(codec, layer: int, q: torch.Tensor, tables: torch.Tensor,
             _ptr(table), s8_zero_unit(codec.vbits) if s8 else 0.0,
             codec.res_row.data_ptr(),
             codec.rk[layer].data_ptr(), codec.rv[layer].data_ptr(), int(codec.dtype == torch.bfloat16),
-            D ** -0.5, out.data_ptr())
+            _ptr(codec.rope_cos), _ptr(codec.rope_sin), D ** -0.5, out.data_ptr())
     if rc != 0:
         return None
     return out.to(q.dtype)

@@ -85,12 +85,24 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* RoPE of one pre-RoPE key row (kivi prerope) at the position whose tables are cos, sin (the
+   model's half-split cos and sign-folded sin): out[d] = x[d] cos[d] + x[(d + D/2) % D] sin[d] */
+static inline void rope_row(float *x, const float *cos, const float *sin, int D) {
+    float tmp[MAXD];
+    const int half = D / 2;
+    for (int d = 0; d < half; d++) tmp[d] = x[d] * cos[d] + x[d + half] * sin[d];
+    for (int d = half; d < D; d++) tmp[d] = x[d] * cos[d] + x[d - half] * sin[d];
+    memcpy(x, tmp, sizeof(float) * D);
+}
+
 /* q [B, Hq, D] float32; tables [B, nblk] block ids; lens [B] tokens each query attends to;
    kc [blocks, bs, H, D*kbits/8], ks/kz [blocks, 1, H, D] fp16, kn [blocks, bs, H] fp16 or NULL,
    vc [blocks, bs, H, D*vbits/8], vs/vz [blocks, bs, H, D/vgroup] fp16;
    with s8_table (not NULL), vs are uint8 codes into it and vz int8 zeros in units of vzunit
    scales (keys' ks/kz stay fp16);
    res_row [blocks], rk/rv [rows, bs, H, D] (float32, or bfloat16 when res_bf16);
+   rope_cos/rope_sin [positions, D] float32, or NULL: with them keys are stored before RoPE and
+   each key (token t of a row sits at position t) is rotated after dequantizing, then dotted with q;
    out [B, Hq, D] float32. Returns 0, or -1 for sizes it does not handle. */
 int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                           const int64_t *tables, int nblk, const int64_t *lens, int bs,
@@ -99,6 +111,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                           int kbits, int vbits, int vgroup,
                           const float *s8_table, float vzunit,
                           const int64_t *res_row, const void *rk, const void *rv, int res_bf16,
+                          const float *rope_cos, const float *rope_sin,
                           float scale, float *out) {
     const int G = Hq / H;
     if (D > MAXD || G > MAXG || G * H != Hq || D % vgroup || D % 8) return -1;
@@ -118,6 +131,8 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 if (row >= 0) {
                     for (int t = 0; t < nt; t++) {
                         load_row(rk, res_bf16, (((size_t)row * bs + t) * H + h) * D, D, buf);
+                        if (rope_cos)
+                            rope_row(buf, rope_cos + (size_t)(t0 + t) * D, rope_sin + (size_t)(t0 + t) * D, D);
                         for (int g = 0; g < G; g++)
                             sc[(size_t)g * L + t0 + t] = dot(qh + g * D, buf, D) * scale;
                     }
@@ -126,6 +141,17 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 const size_t kbase = ((size_t)block * H + h) * D;
                 float s_c[MAXD], z_c[MAXD];
                 for (int d = 0; d < D; d++) scale_zero(ks, kz, kbase + d, NULL, 0.f, &s_c[d], &z_c[d]);
+                if (rope_cos) {  /* dequantize, rotate to the position, then the dots */
+                    for (int t = 0; t < nt; t++) {
+                        const size_t tok = ((size_t)block * bs + t) * H + h;
+                        unpack(kc + tok * P, kbits, D, buf);
+                        for (int d = 0; d < D; d++) buf[d] = buf[d] * s_c[d] + z_c[d];
+                        rope_row(buf, rope_cos + (size_t)(t0 + t) * D, rope_sin + (size_t)(t0 + t) * D, D);
+                        for (int g = 0; g < G; g++)
+                            sc[(size_t)g * L + t0 + t] = dot(qh + g * D, buf, D) * scale;
+                    }
+                    continue;
+                }
                 for (int g = 0; g < G; g++) {
                     float c = 0.f;
                     for (int d = 0; d < D; d++) {

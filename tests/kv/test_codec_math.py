@@ -242,3 +242,47 @@ def test_s8_spec(text, spec):
     with pytest.raises(ValueError, match=r"s4 must be s8 .* or s16") as e:
         KVSpec.parse("kivi:4:s4")
     assert "[:s8]" in str(e.value)
+
+
+def rope64(x, cos, sin):
+    """Half-split RoPE in float64 at positions 0..n-1 of x [n, H, D]."""
+    n, half = x.shape[0], x.shape[-1] // 2
+    c, s = cos[:n, None].double(), sin[:n, None].double()
+    return x * c + torch.cat((x[..., half:], x[..., :half]), -1) * s
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_kivi_prerope_keys_are_quantized_before_rope_and_rotated_on_read(bits):
+    """prerope: the codes hold the pre-RoPE keys (per-channel bound against them), and a read
+    returns RoPE(dequantized key) at the token's position; the residual block's keys are exact
+    before RoPE. A codec that rotated before quantizing, or forgot to rotate, fails one of these."""
+    from leanlm.models.layers import RotaryEmbedding
+
+    qmax = (1 << bits) - 1
+    rope = RotaryEmbedding(D, 256, 10000.0, None, torch.float32)
+    codec = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, bits, max_partial=2, rope=(rope.cos, rope.sin_signed))
+    assert codec.rope_keys and not codec.rotate_qk and codec.spec == f"kivi:{bits}:g{BS}:prerope"
+    n = 2 * BS + 3
+    k, v = write_blocks(codec, n)
+    kh, _ = codec.read_blocks(1, torch.tensor([[0, 1, 2]]))
+    kh = kh[0, :n].double()
+    full = 2 * BS
+    # dequantize the codes in float64: they must be the pre-RoPE keys within the per-channel bound
+    kq = unpack_codes(codec.kc[1][:2], bits).double().view(full, H, D)
+    s = codec.ks[1][:2].double().repeat_interleave(BS, 0).view(full, H, D)
+    z = codec.kz[1][:2].double().repeat_interleave(BS, 0).view(full, H, D)
+    pre = kq * s + z
+    assert ((pre - k[:full].double()).abs() <= asym_bound(k[:full].double(), s, qmax)).all()
+    expected = rope64(torch.cat((pre, k[full:].double())), rope.cos, rope.sin_signed)
+    torch.testing.assert_close(kh, expected, rtol=0, atol=1e-4 * float(k.abs().max()))
+    assert (kh - k.double()).abs().max() > 1.0  # the read is rotated: not the stored pre-RoPE keys
+
+
+def test_kivi_prerope_needs_the_model_and_excludes_key_norms():
+    with pytest.raises(ValueError, match="needs the model"):
+        build_codec(KVSpec.parse("kivi:4:prerope"), L, NB, BS, H, D, torch.float32, CPU, 2)
+    with pytest.raises(ValueError, match="excludes ktok and knorm"):
+        KVSpec.parse("kivi:4:prerope:knorm")
+    with pytest.raises(ValueError, match="before"):
+        KVSpec.parse("minicache+kivi:4:prerope")
+    assert str(KVSpec.parse("kivi:4:g64:v3:c32:s8:rotate:prerope")) == "kivi:4:g64:v3:c32:s8:prerope:rotate"

@@ -14,7 +14,8 @@ from leanlm.kv.paged import PagedKVCache
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 CODECS = ["fp32", "bf16", "fp16", "fp8:e4m3", "fp8:e5m2", "kivi:8", "kivi:4", "kivi:2",
-          "bfp:8", "bfp:4:b8:reorder", "bfp:16:reorder", "kivi:3:rotate", "kivi:4:v2:c8", "xquant:4:cl"]
+          "bfp:8", "bfp:4:b8:reorder", "bfp:16:reorder", "kivi:3:rotate", "kivi:4:v2:c8", "xquant:4:cl",
+          "kivi:4:v3:s8:prerope:rotate"]
 
 
 def prompts(n=4, seed=0):
@@ -59,8 +60,9 @@ def test_batched_equals_alone(path, kv):
 def test_kivi8_keeps_greedy_outputs(tiny_model_dir, arch):
     path = str(tiny_model_dir(arch))
     ps = prompts(seed=3)
-    assert ids(LLM(path, dtype="float32", kv="kivi:8").generate(ps, GREEDY)) == \
-        ids(LLM(path, dtype="float32").generate(ps, GREEDY))
+    plain = ids(LLM(path, dtype="float32").generate(ps, GREEDY))
+    assert ids(LLM(path, dtype="float32", kv="kivi:8").generate(ps, GREEDY)) == plain
+    assert ids(LLM(path, dtype="float32", kv="kivi:8:prerope").generate(ps, GREEDY)) == plain
 
 
 @pytest.mark.parametrize("kv", ["kivi:4", "fp8:e4m3", "bfp:4:b8:reorder"])

@@ -35,7 +35,10 @@ def run(path, kv, dtype, monkeypatch, native_on: bool):
     # s8: 8-bit scale codes and int8 zeros (keys per block, values per token group)
     ("kivi:4:g16:v3:c8:s8:rotate", "float32"), ("kivi:2:g16:c16:s8", "float32"),
     ("kivi:8:g16:s8", "float32"), ("kivi:3:g16:s8:knorm", "float32"),
-    ("kivi:4:g16:sink16:v2:c16:s8", "float32"), ("kivi:4:g16:s8", "bfloat16")])
+    ("kivi:4:g16:sink16:v2:c16:s8", "float32"), ("kivi:4:g16:s8", "bfloat16"),
+    # prerope: keys stored before RoPE, rotated in the kernel after dequantizing (rotate: v only)
+    ("kivi:4:g16:prerope", "float32"), ("kivi:3:g16:v3:c16:s8:prerope:rotate", "float32"),
+    ("kivi:2:g16:r48:sink16:prerope", "float32"), ("kivi:4:g16:prerope", "bfloat16")])
 def test_fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, kv, dtype):
     path = str(tiny_model_dir("llama"))
     fused, calls = run(path, kv, dtype, monkeypatch, True)
@@ -57,6 +60,7 @@ def test_fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, 
     ("kivi:4:g16:s8", lambda c: c.ks[0][0].add_(12)),   # 8-bit key scale codes: x2
     ("kivi:4:g16:s8", lambda c: c.kz[0][0].add_(8)),    # key zeros: +2 scales
     ("kivi:4:g16:s8", lambda c: c.vz[0][0].add_(8)),    # value zeros
+    ("kivi:4:g16:prerope", lambda c: c.rope_sin.mul_(-1)),  # the RoPE tables: rotated the other way
 ])
 def test_kernel_catches_a_wrong_scale(tiny_model_dir, kv, corrupt):
     """Negative control: corrupting the scales or zeros the kernel reads changes its output, so
