@@ -30,6 +30,7 @@ from leanlm.models.tokenizer import Tokenizer
 from leanlm.quant.linear import default_method
 
 
+KMIX_CALIB_SEQS, KMIX_CALIB_LEN = 8, 512  # kivi kmix calibration: 4k tokens, ~1.5 s for SmolLM2-135M
 log = logging.getLogger("leanlm")
 
 
@@ -115,6 +116,22 @@ class LLMEngine:
 
             self.speculator = build_speculator(config.spec_config, self)
 
+    def _calibrate_key_bits(self, spec, block_size: int):
+        """kivi kmix: the per-channel key bits, from the model run on calibration sequences
+        (ShareGPT prompts, never the evaluation text; kv/kmix.py). None for every other spec."""
+        if spec is None or spec.kind != "kivi" or not spec.kmix:
+            return None
+        from leanlm.kv import kmix
+        from leanlm.quant.cli import load_calibration
+
+        seq_len = min(KMIX_CALIB_LEN, self.max_model_len)
+        t0 = time.perf_counter()
+        seqs = load_calibration(self.tokenizer, num_sequences=KMIX_CALIB_SEQS, seq_len=seq_len)
+        plan = kmix.calibrate(self.model, seqs, spec.bits, block_size)
+        log.info("kivi kmix: key bits calibrated on %d x %d tokens in %.1f s", len(seqs), seq_len,
+                 time.perf_counter() - t0)
+        return plan
+
     def _build_cache(self):
         """The paged cache sized from the memory budget; with compile=True the contiguous cache,
         whose fixed-shape decode view is what a compiled graph needs (single-stream latency)."""
@@ -127,9 +144,11 @@ class LLMEngine:
             return ContiguousKVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype, device,
                                      mc.sliding_window)
         bs = cfg.block_size
+        key_plan = self._calibrate_key_bits(cfg.kv_spec, bs)
+
         def codec(num_blocks: int):
             return build_codec(cfg.kv_spec, mc.num_layers, num_blocks, bs, mc.num_kv_heads, mc.head_dim,
-                               dtype, device, max_seqs=cfg.max_num_seqs, model=self.model)
+                               dtype, device, max_seqs=cfg.max_num_seqs, model=self.model, key_plan=key_plan)
 
         probe = codec(1)  # what a block costs, and the fixed part (KIVI's residual pool)
         bytes_per_token, fixed = probe.bytes_per_token(), probe.fixed_bytes()

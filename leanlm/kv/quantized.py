@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import torch
 
+from leanlm.kv import kmix
 from leanlm.kv.codecs import KVCodec
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -181,18 +182,19 @@ def _f16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(off, torch.nextafter(r, torch.full_like(r, direction)), r).float()
 
 
-def asym_quantize(x: torch.Tensor, dim: int, bits: int):
+def asym_quantize(x: torch.Tensor, dim: int, bits: "int | torch.Tensor"):
     """Min-max asymmetric quantization of float32 x over `dim`: codes (uint8, shaped like x), and
-    float16 scale s and zero z (dim kept, size 1) with x ~ z + code * s.
+    float16 scale s and zero z (dim kept, size 1) with x ~ z + code * s. `bits` may be a tensor
+    broadcasting against the kept shape (a bit width per channel: kivi kmix).
 
     z is the min rounded down and s rounded up to float16, so [z, z + qmax * s] still covers the
     max: every |x - x_hat| <= s / 2 (plus float32 rounding); s >= the smallest float16 so a
     constant group does not divide by zero. Values beyond float16's +-65504 are not supported."""
-    qmax = (1 << bits) - 1
+    qmax = (1 << bits) - 1 if isinstance(bits, int) else (2.0 ** bits.to(x.device) - 1)
     z = _f16_toward(x.amin(dim, keepdim=True), float("-inf"))
     hi = x.amax(dim, keepdim=True)
     s = _f16_toward(((hi.double() - z.double()) / qmax).clamp(min=2.0**-24), float("inf"))
-    q = torch.round((x - z) / s).clamp_(0, qmax).to(torch.uint8)
+    q = torch.minimum(torch.round((x - z) / s).clamp_(min=0), torch.as_tensor(qmax, device=x.device)).to(torch.uint8)
     return q, s.half(), z.half()
 
 
@@ -287,7 +289,9 @@ class KiviCodec(KVCodec):
                  vbits: int | None = None, vgroup: int | None = None, rotate: bool = False,
                  ktoken: bool = False, knorm: bool = False, residual: int | None = None,
                  sink: int = 0, scale_bits: int = 16,
-                 rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, key_plan=None):
+        if key_plan is not None and (rope is None or not vbits):
+            raise ValueError("kivi kmix (mixed key bits) needs prerope and explicit value bits (vVBITS)")
         vbits = vbits or bits
         if rope is not None and (ktoken or knorm):
             raise ValueError("kivi prerope keeps keys per channel with no norms: it excludes ktok and knorm")
@@ -307,11 +311,11 @@ class KiviCodec(KVCodec):
         if vgroup is not None and head_dim % vgroup:
             raise ValueError(f"kivi value group c{vgroup} must divide head_dim {head_dim}")
         self.vgroup = vgroup or (V_GROUP if head_dim % V_GROUP == 0 else head_dim)
-        self.spec = (f"kivi:{bits}:g{block_size}" + (f":r{residual}" if residual != block_size else "")
+        self.spec = (f"kivi:{key_plan.avg_bits if key_plan else bits:g}:g{block_size}" + (f":r{residual}" if residual != block_size else "")
                      + (f":sink{sink}" if sink else "") + (f":v{vbits}" if vbits != bits else "")
                      + (f":c{self.vgroup}" if vgroup else "") + (":s8" if scale_bits == 8 else "")
                      + (":prerope" if rope is not None else "") + (":rotate" if rotate else "")
-                     + (":ktok" if ktoken else "") + (":knorm" if knorm else ""))
+                     + (":ktok" if ktoken else "") + (":knorm" if knorm else "") + (":kmix" if key_plan else ""))
         self.bits, self.vbits, self.ktoken, self.knorm = bits, vbits, ktoken, knorm
         self.scale_bits = scale_bits
         # s8: uint8 scale codes and int8 zeros (asym_quantize8) instead of fp16 scale and zero
@@ -333,6 +337,17 @@ class KiviCodec(KVCodec):
             pad = lambda t: torch.cat((t.float(), t.new_zeros(block_size, t.shape[1], dtype=torch.float32)))
             self.rope_cos, self.rope_sin = (pad(t).to(device).contiguous() for t in rope)
         bs, H, D, P, PV = block_size, num_kv_heads, head_dim, head_dim * bits // 8, head_dim * vbits // 8
+        # kmix: each channel's bits from the calibrated plan (kv/kmix.py), packed by groups of 8
+        self.key_plan = key_plan
+        if key_plan is not None:
+            if len(key_plan.perm) != num_layers or tuple(key_plan.perm[0].shape) != (num_kv_heads, head_dim):
+                raise ValueError(f"kivi kmix plan for {len(key_plan.perm)} layers x {tuple(key_plan.perm[0].shape)} "
+                                 f"does not fit {num_layers} layers x ({num_kv_heads}, {head_dim})")
+            P = key_plan.bytes_per_head
+            self.kbits_c = [key_plan.channel_bits(l).to(device).unsqueeze(0) for l in range(num_layers)]  # [1, H, D]
+            # for the kernel: channel order and group bits, int32 / uint8, contiguous
+            self.kperm = [t.to(device=device, dtype=torch.int32).contiguous() for t in key_plan.perm]
+            self.kgbits = [t.to(device=device, dtype=torch.uint8).contiguous() for t in key_plan.bits]
 
         def zeros(*shape, dt):
             return [torch.zeros(*shape, dtype=dt, device=device) for _ in range(num_layers)]
@@ -367,7 +382,7 @@ class KiviCodec(KVCodec):
 
     def bytes_per_token(self) -> int | float:
         H, D, bs = self.num_kv_heads, self.head_dim, self.block_size
-        codes = D * (self.bits + self.vbits) // 8
+        codes = (self.key_plan.bytes_per_head if self.key_plan else D * self.bits // 8) + D * self.vbits // 8
         pair = 2 * self.scale_bits // 8                       # bytes of one (scale, zero)
         per_group = pair * D // self.vgroup                   # (scale, zero) per token and group
         scales = (per_group if self.ktoken else 2 * 2 * D / bs) + per_group  # K (fp16) per block, or as V; V
@@ -516,8 +531,13 @@ class KiviCodec(KVCodec):
                 norm = keys.norm(dim=-1, keepdim=True).clamp(min=2.0**-14).half()
                 self.kn[layer].index_copy_(0, plan.full_blocks, norm)
                 keys = keys / norm.float()
-            q, s, z = asym_quantize(keys, 1, self.bits)  # fp16 scale and zero, s8 or not
-            self.kc[layer].index_copy_(0, plan.full_blocks, pack_codes(q, self.bits))
+            if self.key_plan is not None:  # each channel at its own bits
+                q, s, z = asym_quantize(keys, 1, self.kbits_c[layer])
+                packed = kmix.pack(q, self.key_plan.perm[layer], self.key_plan.bits[layer])
+            else:
+                q, s, z = asym_quantize(keys, 1, self.bits)  # fp16 scale and zero, s8 or not
+                packed = pack_codes(q, self.bits)
+            self.kc[layer].index_copy_(0, plan.full_blocks, packed)
             self.ks[layer].index_copy_(0, plan.full_blocks, s)
             self.kz[layer].index_copy_(0, plan.full_blocks, z)
         if plan.res_dst.numel():
@@ -547,7 +567,7 @@ class KiviCodec(KVCodec):
         if self.ktoken:
             k = self._read_tokens(rows, self.bits, self.kc[layer], self.ks[layer], self.kz[layer])
         else:
-            kq = unpack_codes(self.kc[layer].index_select(0, rows), self.bits).float()
+            kq = self._key_codes(layer, self.kc[layer].index_select(0, rows)).float()
             s, z = dequant_scale_zero(self.ks[layer].index_select(0, rows), self.kz[layer].index_select(0, rows),
                                       self.bits)
             k = kq * s + z
@@ -564,6 +584,11 @@ class KiviCodec(KVCodec):
         if self.rope_keys:  # every row starts at position 0 of its sequence
             k = self._rope(k)
         return k, v.view(B, nblk * bs, H, D)
+
+    def _key_codes(self, layer: int, packed: torch.Tensor) -> torch.Tensor:
+        if self.key_plan is not None:
+            return kmix.unpack(packed, self.key_plan.perm[layer], self.key_plan.bits[layer])
+        return unpack_codes(packed, self.bits)
 
     def _rope(self, k: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys [B, n, H, D] at positions 0..n-1 -> rotated (float32 tables, as the kernel)."""

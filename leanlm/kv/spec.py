@@ -2,7 +2,7 @@
 
     fp16 | bf16 | fp32                 plain storage in that dtype (read back in the compute dtype)
     fp8:e4m3 | fp8:e5m2                FP8 with a power-of-two scale per token and KV head
-    kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:prerope][:rotate][:ktok|:knorm]
+    kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:prerope][:rotate][:ktok|:knorm][:kmix]
                                        KIVI: BITS 8, 4, 3 or 2 (or int8 / int4 / int3 / int2); keys per
                                        channel over groups of G tokens (G = the cache block size),
                                        values per token over groups of C channels (default 32) with
@@ -19,6 +19,9 @@
                                        `rotate`: a per-head Walsh-Hadamard rotation of q, k, v before
                                        the cache (undone on the attention output), q.k unchanged;
                                        with prerope, of v only;
+                                       `kmix` (with prerope and vVBITS): BITS is the average key
+                                       bits per channel (e.g. 3.5), spread over the channels by
+                                       a calibration run at load (kv/kmix.py);
                                        `ktok`: keys per token over C channels too, as values;
                                        `knorm`: per-token key norms, per-channel unit directions
     bfp:MANTISSA[:bBLOCK][:reorder]    block floating point, MANTISSA 2..16 bits (sign included),
@@ -37,9 +40,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:prerope][:rotate][:ktok|:knorm] "
+ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:prerope][:rotate][:ktok|:knorm][:kmix] "
            "(BITS, VBITS 8, 4, 3 or 2; R, S multiples of G, R >= G; s8: 8-bit value scales and zeros; "
-           "prerope: keys cached before RoPE), "
+           "prerope: keys cached before RoPE; kmix: BITS the average of per-channel key bits, e.g. "
+           "kivi:3.5:g128:v4:c64:s8:prerope:rotate:kmix), "
            "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16), xquant:BITS[:gG][:cl] (BITS 8, 4, 3 or 2), "
            "minicache[:START][:T][:GAMMA][+INNER] (T, GAMMA in [0, 1]; INNER one of the above but xquant)")
 PLAIN = ("fp16", "bf16", "fp32")
@@ -47,6 +51,7 @@ FP8 = ("e4m3", "e5m2")
 KIVI_BITS = (8, 4, 3, 2)
 BFP_DEFAULT_BLOCK = 16
 XQUANT_DEFAULT_GROUP = 32
+MAX_KMIX_BITS = 8  # what a kmix codec's nominal bits are (its plan sets the real widths)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class KVSpec:
     sink: int = 0                # kivi: first S tokens of each sequence kept in full precision
     scale8: bool = False         # kivi: 8-bit scale codes and int8 zeros instead of fp16 (s8)
     prerope: bool = False        # kivi: keys cached before RoPE, rotated on read (KVQuant)
+    kmix: bool = False           # kivi: bits = average key bits, spread per channel by calibration
     cl: bool = False             # xquant: cross-layer deltas of the residual stream
     start: int | None = None     # minicache: first merged layer (None: the middle)
     t: float = 0.6               # minicache: SLERP factor
@@ -118,13 +124,14 @@ class KVSpec:
         if head == "fp8" and len(opts) == 1 and opts[0] in FP8:
             return cls("fp8", dtype=opts[0])
         if head == "kivi" and opts:
-            bits = _bits(opts[0], "kivi")
+            kmix = "kmix" in opts[1:]
+            bits = _mixed_bits(opts[0]) if kmix else _bits(opts[0], "kivi")
             sinks = [x for x in opts[1:] if x.startswith("sink")]
             if len(sinks) > 1 or sinks and not re.fullmatch(r"sink\d+", sinks[0]):
                 raise ValueError(f"kivi option {sinks[-1]!r}: expected sinkS once (S tokens, a multiple "
                                  "of the group G, kept in full precision at the start of each sequence)")
             sink = int(sinks[0][4:]) if sinks else 0
-            o = _options([x for x in opts[1:] if not x.startswith("sink")],
+            o = _options([x for x in opts[1:] if not x.startswith("sink") and x != "kmix"],
                          {"g": "group", "r": "residual", "v": "value bits", "c": "value group",
                           "s": "scale bits"},
                          ("rotate", "ktok", "knorm", "prerope"))
@@ -133,6 +140,9 @@ class KVSpec:
                 raise ValueError(f"kivi scale bits s{o['s']} must be s8 (8-bit scale and zero) or s16 (fp16, the default)")
             if "prerope" in o and ("ktok" in o or "knorm" in o):
                 raise ValueError("kivi prerope keeps keys per channel with no norms: it excludes ktok and knorm")
+            if kmix and not ("prerope" in o and vbits):
+                raise ValueError("kivi kmix needs prerope and the value bits vVBITS (BITS is then the "
+                                 "average key bits, e.g. kivi:3.5:g128:v4:c64:s8:prerope:kmix)")
             if vbits and vbits not in KIVI_BITS:
                 raise ValueError(f"kivi value bits v{vbits} must be v8, v4, v3 or v2")
             if residual is not None and group and residual < group:
@@ -144,10 +154,10 @@ class KVSpec:
                                      f"(full blocks are kept in full precision)")
             if group is None and residual is not None:  # kivi:4:r32 alone: R = G = 32, as before
                 group = residual
-            return cls("kivi", bits=bits, group=group, vbits=0 if vbits == bits else vbits,
+            return cls("kivi", bits=bits, group=group, vbits=0 if vbits == bits and not kmix else vbits,
                        vgroup=o.get("c", 0), rotate="rotate" in o, ktoken="ktok" in o,
                        knorm="knorm" in o, residual=0 if residual == group else (residual or 0),
-                       sink=sink, scale8=o.get("s") == 8, prerope="prerope" in o)
+                       sink=sink, scale8=o.get("s") == 8, prerope="prerope" in o, kmix=kmix)
         if head == "xquant" and opts:
             o = _options(opts[1:], {"g": "group"}, ("cl",))
             return cls("xquant", bits=_bits(opts[0], "xquant"), block=o.get("g", XQUANT_DEFAULT_GROUP), cl="cl" in o)
@@ -167,12 +177,12 @@ class KVSpec:
         if self.kind == "fp8":
             return f"fp8:{self.dtype}"
         if self.kind == "kivi":
-            return (f"kivi:{self.bits}" + (f":g{self.group}" if self.group else "")
+            return (f"kivi:{self.bits:g}" + (f":g{self.group}" if self.group else "")
                     + (f":r{self.residual}" if self.residual else "") + (f":sink{self.sink}" if self.sink else "")
                     + (f":v{self.vbits}" if self.vbits else "") + (f":c{self.vgroup}" if self.vgroup else "")
                     + (":s8" if self.scale8 else "") + (":prerope" if self.prerope else "")
                     + (":rotate" if self.rotate else "") + (":ktok" if self.ktoken else "")
-                    + (":knorm" if self.knorm else ""))
+                    + (":knorm" if self.knorm else "") + (":kmix" if self.kmix else ""))
         if self.kind == "xquant":
             return f"xquant:{self.bits}:g{self.block}" + (":cl" if self.cl else "")
         return f"bfp:{self.bits}:b{self.block}" + (":reorder" if self.reorder else "")
@@ -183,6 +193,17 @@ def _bits(text: str, codec: str) -> int:
     if m is None or int(m.group(1)) not in KIVI_BITS:
         raise ValueError(f"{codec} bits {text!r} must be 8, 4, 3 or 2")
     return int(m.group(1))
+
+
+def _mixed_bits(text: str) -> float:
+    """kmix's average key bits: a number in [2, 8] (whole bytes per head are checked at load)."""
+    try:
+        bits = float(text)
+    except ValueError:
+        raise ValueError(f"kivi kmix average key bits {text!r} must be a number in [2, 8]") from None
+    if not 2 <= bits <= 8:
+        raise ValueError(f"kivi kmix average key bits {text!r} must be in [2, 8]")
+    return bits
 
 
 def _options(opts: list[str], numeric: dict[str, str], flags: tuple[str, ...]) -> dict:
@@ -215,9 +236,10 @@ def _rope_tables(spec: KVSpec, model, device):
 
 
 def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_size: int,
-                num_kv_heads: int, head_dim: int, dtype, device, max_seqs: int, model=None):
+                num_kv_heads: int, head_dim: int, dtype, device, max_seqs: int, model=None, key_plan=None):
     """The codec `spec` names (None: plain storage in the compute dtype, spec 'plain'). `model`
-    (its k/v projections, norms and RoPE tables) is required by xquant. bfp:...:reorder needs the
+    (its k/v projections, norms and RoPE tables) is required by xquant and kivi prerope; `key_plan`
+    (kv.kmix.KeyBitPlan) by kivi kmix. bfp:...:reorder needs the
     model loaded with kv.bfp.fold_key_order applied (the engine does it)."""
     import torch
 
@@ -239,8 +261,11 @@ def build_codec(spec: "KVSpec | None", num_layers: int, num_blocks: int, block_s
 
         if spec.group is not None and spec.group != block_size:
             raise ValueError(f"kv spec {spec}: group {spec.group} must equal the block size {block_size}")
+        if spec.kmix and key_plan is None:
+            raise ValueError(f"kv spec {spec} needs its calibrated key-bit plan (kv.kmix.calibrate; the engine runs it)")
         return KiviCodec(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
-                         bits=spec.bits, max_partial=max_seqs, vbits=spec.vbits or spec.bits,
+                         bits=MAX_KMIX_BITS if spec.kmix else spec.bits, max_partial=max_seqs,
+                         key_plan=key_plan, vbits=spec.vbits or spec.bits,
                          vgroup=spec.vgroup or None, rotate=spec.rotate, ktoken=spec.ktoken,
                          knorm=spec.knorm, residual=spec.residual or None, sink=spec.sink,
                          scale_bits=8 if spec.scale8 else 16,

@@ -17,7 +17,7 @@ def kernel():
     if _fn is None and native.enabled():
         _fn = native.function("kivi_attention", "kivi_decode_attention",
                               [_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P,
-                               _I, _I, _I, _P, _F, _P, _P, _P, _I, _P, _P, _F, _P], _I)
+                               _I, _I, _I, _P, _F, _P, _P, _P, _I, _P, _P, _P, _P, _I, _F, _P], _I)
     return _fn if native.enabled() else None
 
 
@@ -38,6 +38,7 @@ def decode_attention(codec, layer: int, q: torch.Tensor, tables: torch.Tensor,
     tables, lens = tables.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
     out = torch.empty(B, Hq, D, dtype=torch.float32)
     kn = codec.kn[layer] if codec.knorm else None
+    plan = codec.key_plan  # kmix: per-channel key widths
     s8 = codec.scale_bits == 8  # values: uint8 scale codes into S8_TABLE, int8 zeros in units of the scale
     table = S8_TABLE.contiguous() if s8 else None
     rc = fn(qf.data_ptr(), B, Hq, codec.num_kv_heads, D, tables.data_ptr(), tables.shape[1],
@@ -48,7 +49,9 @@ def decode_attention(codec, layer: int, q: torch.Tensor, tables: torch.Tensor,
             _ptr(table), s8_zero_unit(codec.vbits) if s8 else 0.0,
             codec.res_row.data_ptr(),
             codec.rk[layer].data_ptr(), codec.rv[layer].data_ptr(), int(codec.dtype == torch.bfloat16),
-            _ptr(codec.rope_cos), _ptr(codec.rope_sin), D ** -0.5, out.data_ptr())
+            _ptr(codec.rope_cos), _ptr(codec.rope_sin),
+            _ptr(codec.kperm[layer] if plan else None), _ptr(codec.kgbits[layer] if plan else None),
+            plan.bytes_per_head if plan else 0, D ** -0.5, out.data_ptr())
     if rc != 0:
         return None
     return out.to(q.dtype)

@@ -55,6 +55,19 @@ static inline void unpack(const uint8_t *p, int bits, int D, float *out) {
     }
 }
 
+/* kivi kmix: a head's key codes at mixed widths (kv/kmix.py): group j of 8 channels
+   (perm[8j..8j+7]) is one little-endian word of gbits[j] bytes, code i at bit gbits[j] * i */
+static inline void unpack_mixed(const uint8_t *p, const int32_t *perm, const uint8_t *gbits, int D, float *out) {
+    for (int j = 0; j < D / 8; j++) {
+        const int b = gbits[j];
+        uint64_t w = 0;
+        memcpy(&w, p, b);  /* little-endian host (x86, arm64) */
+        p += b;
+        const uint64_t mask = (1u << b) - 1;
+        for (int i = 0; i < 8; i++) out[perm[8 * j + i]] = (float)((w >> (b * i)) & mask);
+    }
+}
+
 static inline void load_row(const void *base, int bf16, size_t idx, int D, float *out) {
     if (bf16) { const uint16_t *r = (const uint16_t *)base + idx; for (int d = 0; d < D; d++) out[d] = bf2f(r[d]); }
     else memcpy(out, (const float *)base + idx, sizeof(float) * D);
@@ -101,6 +114,8 @@ static inline void rope_row(float *x, const float *cos, const float *sin, int D)
    with s8_table (not NULL), vs are uint8 codes into it and vz int8 zeros in units of vzunit
    scales (keys' ks/kz stay fp16);
    res_row [blocks], rk/rv [rows, bs, H, D] (float32, or bfloat16 when res_bf16);
+   kperm [H, D] int32 and kgbits [H, D/8] uint8, or NULL: keys at mixed widths per channel group
+   (kmix; kc's last dim is then the plan's bytes per head, passed as kbytes);
    rope_cos/rope_sin [positions, D] float32, or NULL: with them keys are stored before RoPE and
    each key (token t of a row sits at position t) is rotated after dequantizing, then dotted with q;
    out [B, Hq, D] float32. Returns 0, or -1 for sizes it does not handle. */
@@ -112,10 +127,11 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                           const float *s8_table, float vzunit,
                           const int64_t *res_row, const void *rk, const void *rv, int res_bf16,
                           const float *rope_cos, const float *rope_sin,
+                          const int32_t *kperm, const uint8_t *kgbits, int kbytes,
                           float scale, float *out) {
     const int G = Hq / H;
     if (D > MAXD || G > MAXG || G * H != Hq || D % vgroup || D % 8) return -1;
-    const int P = D * kbits / 8, PV = D * vbits / 8, ng = D / vgroup;
+    const int P = kperm ? kbytes : D * kbits / 8, PV = D * vbits / 8, ng = D / vgroup;
     int err = 0;
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int b = 0; b < B; b++)
@@ -144,7 +160,8 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 if (rope_cos) {  /* dequantize, rotate to the position, then the dots */
                     for (int t = 0; t < nt; t++) {
                         const size_t tok = ((size_t)block * bs + t) * H + h;
-                        unpack(kc + tok * P, kbits, D, buf);
+                        if (kperm) unpack_mixed(kc + tok * P, kperm + (size_t)h * D, kgbits + (size_t)h * (D / 8), D, buf);
+                        else unpack(kc + tok * P, kbits, D, buf);
                         for (int d = 0; d < D; d++) buf[d] = buf[d] * s_c[d] + z_c[d];
                         rope_row(buf, rope_cos + (size_t)(t0 + t) * D, rope_sin + (size_t)(t0 + t) * D, D);
                         for (int g = 0; g < G; g++)
@@ -162,7 +179,8 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 }
                 for (int t = 0; t < nt; t++) {
                     const size_t tok = ((size_t)block * bs + t) * H + h;
-                    unpack(kc + tok * P, kbits, D, buf);
+                    if (kperm) unpack_mixed(kc + tok * P, kperm + (size_t)h * D, kgbits + (size_t)h * (D / 8), D, buf);
+                    else unpack(kc + tok * P, kbits, D, buf);
                     const float norm = kn ? h2f(kn[tok]) : 1.f;
                     for (int g = 0; g < G; g++)
                         sc[(size_t)g * L + t0 + t] = (dot(qs[g], buf, D) + c0[g]) * norm * scale;

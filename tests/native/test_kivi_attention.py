@@ -38,7 +38,9 @@ def run(path, kv, dtype, monkeypatch, native_on: bool):
     ("kivi:4:g16:sink16:v2:c16:s8", "float32"), ("kivi:4:g16:s8", "bfloat16"),
     # prerope: keys stored before RoPE, rotated in the kernel after dequantizing (rotate: v only)
     ("kivi:4:g16:prerope", "float32"), ("kivi:3:g16:v3:c16:s8:prerope:rotate", "float32"),
-    ("kivi:2:g16:r48:sink16:prerope", "float32"), ("kivi:4:g16:prerope", "bfloat16")])
+    ("kivi:2:g16:r48:sink16:prerope", "float32"), ("kivi:4:g16:prerope", "bfloat16"),
+    # kmix: key channels at calibrated mixed widths
+    ("kivi:3.5:g16:v4:c16:s8:prerope:rotate:kmix", "float32"), ("kivi:5:g16:v3:prerope:kmix", "bfloat16")])
 def test_fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, kv, dtype):
     path = str(tiny_model_dir("llama"))
     fused, calls = run(path, kv, dtype, monkeypatch, True)
@@ -61,6 +63,7 @@ def test_fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, 
     ("kivi:4:g16:s8", lambda c: c.kz[0][0].add_(8)),    # key zeros: +2 scales
     ("kivi:4:g16:s8", lambda c: c.vz[0][0].add_(8)),    # value zeros
     ("kivi:4:g16:prerope", lambda c: c.rope_sin.mul_(-1)),  # the RoPE tables: rotated the other way
+    ("kivi:3.5:g16:v4:prerope:kmix", lambda c: c.kperm[0].copy_(c.kperm[0].flip(-1))),  # channel order
 ])
 def test_kernel_catches_a_wrong_scale(tiny_model_dir, kv, corrupt):
     """Negative control: corrupting the scales or zeros the kernel reads changes its output, so
