@@ -22,10 +22,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --quant: quantize the LM head too (default: it stays in the compute dtype)")
     p.add_argument("--kv", default=None, metavar="SPEC",
                    help="KV cache codec: fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, "
-                        "kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:rotate][:ktok|:knorm] (8/4/3/2 bits), "
+                        "kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:prerope][:rotate][:ktok|:knorm][:kmix] "
+                        "(8/4/3/2 bits; with kmix BITS is the average key bits), "
                         "bfp:MANTISSA[:bBLOCK][:reorder], "
                         "xquant:BITS[:gG][:cl], minicache[:START][:T][:GAMMA][+INNER] "
-                        "(default: the compute dtype)")
+                        "(default: the compute dtype; 4x smaller than bf16 at +1.2%% perplexity on SmolLM2: "
+                        "kivi:3.5:g128:v4:c64:s8:prerope:rotate:kmix)")
     p.add_argument("--spec", default=None, metavar="SPEC",
                    help="speculative decoding: ngram[:n=N][:k=K], early-exit:E|auto[:k=K][:conf=C], "
                         "draft:MODEL[:k=K][:conf=C], self:QUANT[:k=K][:conf=C][:head=quant|shared] "

@@ -45,9 +45,9 @@ RoPE and every read rotates them to their positions (0.. from the sequence's fir
 native kernel rotates each dequantized key before its dot products). Why: a key channel before
 RoPE keeps one sign and range over the tokens of a block, so a per-channel scale fits it; after
 RoPE each channel pair turns with the position, fastest in the high-frequency pairs, and its
-range over 64 tokens becomes the pair's whole magnitude circle. On SmolLM2 (WikiText, 16 windows,
-simulated 4-bit keys over 64-token groups) this cuts the keys' perplexity cost about 3x; see
-docs/BENCHMARKS.md. With `rotate` the Hadamard rotation then applies to values only (it does not
+range over 64 tokens becomes the pair's whole magnitude circle. On SmolLM2 4-bit keys over 64-token
+groups cost +0.6% perplexity instead of +1.9% (4 WikiText windows, values exact, a simulation of
+this codec); see docs/BENCHMARKS.md. With `rotate` the Hadamard rotation then applies to values only (it does not
 commute with RoPE; q is left as it is).
 
 Window and sinks (`rR` with R > G, `sinkS`; R, S multiples of G). Full blocks are still quantized
@@ -368,7 +368,10 @@ class KiviCodec(KVCodec):
         self.residual, self.sink = residual, sink
         self.seq_aware = residual > block_size or sink > 0
         rows = max_partial * (residual + sink) // block_size
-        self.rk, self.rv = zeros(rows, bs, H, D, dt=dtype), zeros(rows, bs, H, D, dt=dtype)
+        # in bfloat16 under float32 compute: the bf16 cache's precision (KIVI keeps fp16) at half
+        # the bytes of a fixed pool that otherwise takes a large share of a small budget
+        self.res_dtype = torch.bfloat16 if dtype == torch.float32 else dtype
+        self.rk, self.rv = zeros(rows, bs, H, D, dt=self.res_dtype), zeros(rows, bs, H, D, dt=self.res_dtype)
         self.res_row = torch.full((num_blocks,), -1, dtype=torch.long, device=device)  # block -> row
         self._rows: dict[int, int] = {}
         self._free_rows = list(range(rows - 1, -1, -1))
@@ -525,7 +528,7 @@ class KiviCodec(KVCodec):
         if plan.full_blocks.numel() and not self.ktoken:  # keys of full blocks: per channel over the block's tokens
             keys = k.index_select(0, plan.new_idx)
             if plan.old_idx.numel():  # read the residual before this step's writes reuse its rows
-                keys = torch.cat((rk.index_select(0, plan.old_idx), keys)).index_select(0, plan.order)
+                keys = torch.cat((rk.index_select(0, plan.old_idx).to(keys.dtype), keys)).index_select(0, plan.order)
             keys = keys.float().view(-1, bs, H, D)
             if self.knorm:  # a token with a huge key (the attention sink) no longer sets its channels' range
                 norm = keys.norm(dim=-1, keepdim=True).clamp(min=2.0**-14).half()
@@ -541,8 +544,8 @@ class KiviCodec(KVCodec):
             self.ks[layer].index_copy_(0, plan.full_blocks, s)
             self.kz[layer].index_copy_(0, plan.full_blocks, z)
         if plan.res_dst.numel():
-            rk.index_copy_(0, plan.res_dst, k.index_select(0, plan.res_src).to(self.dtype))
-            rv.index_copy_(0, plan.res_dst, v.index_select(0, plan.res_src).to(self.dtype))
+            rk.index_copy_(0, plan.res_dst, k.index_select(0, plan.res_src).to(self.res_dtype))
+            rv.index_copy_(0, plan.res_dst, v.index_select(0, plan.res_src).to(self.res_dtype))
 
     def _write_tokens(self, x, slots, bits, codes, scales, zeros) -> None:
         T, H, D = x.shape
@@ -578,8 +581,8 @@ class KiviCodec(KVCodec):
         res = self.res_row.index_select(0, rows)
         partial = (res >= 0).nonzero().squeeze(1)
         if partial.numel():  # blocks still filling: their full-precision residual
-            k[partial] = self.rk[layer].index_select(0, res[partial])
-            v[partial] = self.rv[layer].index_select(0, res[partial])
+            k[partial] = self.rk[layer].index_select(0, res[partial]).to(self.dtype)
+            v[partial] = self.rv[layer].index_select(0, res[partial]).to(self.dtype)
         k = k.view(B, nblk * bs, H, D)
         if self.rope_keys:  # every row starts at position 0 of its sequence
             k = self._rope(k)

@@ -48,7 +48,7 @@ def decode_attention(codec, layer: int, q: torch.Tensor, tables: torch.Tensor,
             codec.bits, codec.vbits, codec.vgroup,
             _ptr(table), s8_zero_unit(codec.vbits) if s8 else 0.0,
             codec.res_row.data_ptr(),
-            codec.rk[layer].data_ptr(), codec.rv[layer].data_ptr(), int(codec.dtype == torch.bfloat16),
+            codec.rk[layer].data_ptr(), codec.rv[layer].data_ptr(), int(codec.res_dtype == torch.bfloat16),
             _ptr(codec.rope_cos), _ptr(codec.rope_sin),
             _ptr(codec.kperm[layer] if plan else None), _ptr(codec.kgbits[layer] if plan else None),
             plan.bytes_per_head if plan else 0, D ** -0.5, out.data_ptr())

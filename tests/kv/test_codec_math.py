@@ -17,7 +17,7 @@ def sample(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, H, D, generator=g, dtype=torch.float64) * torch.exp(torch.randn(1, H, D, generator=g))
     x[:, :, 3] *= 40
-    return x.float()
+    return x.bfloat16().float()  # bf16-representable: kivi's residual (bf16 under float32) reads back exactly
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
@@ -286,3 +286,18 @@ def test_kivi_prerope_needs_the_model_and_excludes_key_norms():
     with pytest.raises(ValueError, match="before"):
         KVSpec.parse("minicache+kivi:4:prerope")
     assert str(KVSpec.parse("kivi:4:g64:v3:c32:s8:rotate:prerope")) == "kivi:4:g64:v3:c32:s8:prerope:rotate"
+
+
+def test_kivi_residual_is_bf16_under_float32_compute():
+    """The full-precision residual is stored in bfloat16 when the model computes in float32 (half
+    the fixed pool): a block still filling reads back bf16-rounded, not as written."""
+    codec = KiviCodec(L, NB, BS, H, D, torch.float32, CPU, 4, max_partial=2)
+    assert codec.rk[0].dtype == torch.bfloat16 and codec.fixed_bytes() == 2 * L * 2 * BS * H * D * 2
+    g = torch.Generator().manual_seed(9)
+    k, v = torch.randn(5, H, D, generator=g), torch.randn(5, H, D, generator=g)
+    for layer in range(L):
+        codec.write(layer, torch.arange(5), k, v)
+    kh, vh = codec.read_blocks(0, torch.tensor([[0]]))
+    assert kh.dtype == torch.float32
+    assert torch.equal(kh[0, :5], k.bfloat16().float()) and torch.equal(vh[0, :5], v.bfloat16().float())
+    assert not torch.equal(kh[0, :5], k)

@@ -10,7 +10,8 @@ BS, H, D = 16, 2, 16
 def test_chunk_crossing_a_block_reuses_the_filling_blocks_row():
     codec = KiviCodec(1, 4, BS, H, D, torch.float32, torch.device("cpu"), 4, max_partial=2)
     g = torch.Generator().manual_seed(0)
-    k_all, v_all = torch.randn(64, H, D, generator=g), torch.randn(64, H, D, generator=g)
+    # bf16-representable: the residual rows are bf16 under float32 compute and read back exactly
+    k_all, v_all = (torch.randn(64, H, D, generator=g).bfloat16().float() for _ in range(2))
 
     def write(slots):
         s = torch.tensor(slots)
