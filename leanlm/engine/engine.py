@@ -126,7 +126,11 @@ class LLMEngine:
 
         seq_len = min(KMIX_CALIB_LEN, self.max_model_len)
         t0 = time.perf_counter()
-        seqs = load_calibration(self.tokenizer, num_sequences=KMIX_CALIB_SEQS, seq_len=seq_len)
+        try:
+            seqs = load_calibration(self.tokenizer, num_sequences=KMIX_CALIB_SEQS, seq_len=seq_len)
+        except ValueError as e:
+            raise ValueError(f"kv spec {spec}: kmix calibrates its key bits on ShareGPT prompts at load, "
+                             f"and {e}") from None
         plan = kmix.calibrate(self.model, seqs, spec.bits, block_size)
         log.info("kivi kmix: key bits calibrated on %d x %d tokens in %.1f s", len(seqs), seq_len,
                  time.perf_counter() - t0)

@@ -109,3 +109,9 @@ def test_engine_mixed_widths_batched_equals_alone_and_prefix_cache(path):
     plan = LLM(path, dtype="float32", kv=kv).engine.cache.codec.key_plan
     assert any(len(set(b.flatten().tolist())) > 1 for b in plan.bits)  # the calibration spread the bits
     check_batched_and_prefix_cache(path, kv)
+
+
+def test_missing_calibration_data_is_a_clear_error(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANLM_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match="kmix calibrates its key bits on ShareGPT prompts.*not found"):
+        LLM(path, dtype="float32", kv="kivi:3.5:g16:v4:prerope:kmix")
