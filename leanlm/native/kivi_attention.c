@@ -57,14 +57,22 @@ static inline void unpack(const uint8_t *p, int bits, int D, float *out) {
 
 /* kivi kmix: a head's key codes at mixed widths (kv/kmix.py): group j of 8 channels
    (perm[8j..8j+7]) is one little-endian word of gbits[j] bytes, code i at bit gbits[j] * i */
+#define MIXED_GROUP(B)                                                                   \
+    case B: {                                                                            \
+        uint64_t w = 0;                                                                  \
+        memcpy(&w, p, B); /* a constant size: inlined; little-endian host (x86, arm64) */ \
+        for (int i = 0; i < 8; i++) out[pj[i]] = (float)((w >> (B * i)) & ((1u << B) - 1)); \
+        p += B;                                                                          \
+        break;                                                                           \
+    }
+
 static inline void unpack_mixed(const uint8_t *p, const int32_t *perm, const uint8_t *gbits, int D, float *out) {
     for (int j = 0; j < D / 8; j++) {
-        const int b = gbits[j];
-        uint64_t w = 0;
-        memcpy(&w, p, b);  /* little-endian host (x86, arm64) */
-        p += b;
-        const uint64_t mask = (1u << b) - 1;
-        for (int i = 0; i < 8; i++) out[perm[8 * j + i]] = (float)((w >> (b * i)) & mask);
+        const int32_t *pj = perm + 8 * j;
+        switch (gbits[j]) {
+            MIXED_GROUP(2) MIXED_GROUP(3) MIXED_GROUP(4) MIXED_GROUP(5)
+            MIXED_GROUP(6) MIXED_GROUP(7) MIXED_GROUP(8)
+        }
     }
 }
 
