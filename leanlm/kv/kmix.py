@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from leanlm.models.layers import RotaryEmbedding
+
 GROUP = 8       # channels per bit-width group: 8 codes of b bits = b bytes
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -165,8 +167,7 @@ class KeyStatsCache:
             kb = k[: nb * self.group].double().view(nb, self.group, c.num_kv_heads, D)
             self.r2[layer] += (kb.amax(1) - kb.amin(1)).pow(2).sum(0)
             self.blocks[layer] += nb
-        cos, sin = self.cos[:T, None].to(k.dtype), self.sin[:T, None].to(k.dtype)
-        kr = k * cos + torch.cat((k[..., half:], k[..., :half]), -1) * sin
+        kr = RotaryEmbedding.apply(k, (self.cos[:T, None].to(k.dtype), self.sin[:T, None].to(k.dtype)))
         o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0),
                                            kr.transpose(0, 1).repeat_interleave(G, 0).unsqueeze(0),
                                            v.transpose(0, 1).repeat_interleave(G, 0).unsqueeze(0), is_causal=True)

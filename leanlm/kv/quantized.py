@@ -69,6 +69,7 @@ import torch
 
 from leanlm.kv import kmix
 from leanlm.kv.codecs import KVCodec
+from leanlm.models.layers import RotaryEmbedding
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 V_GROUP = 32  # channels per value group (KIVI's group size), or the whole head if it does not divide
@@ -194,7 +195,8 @@ def asym_quantize(x: torch.Tensor, dim: int, bits: "int | torch.Tensor"):
     z = _f16_toward(x.amin(dim, keepdim=True), float("-inf"))
     hi = x.amax(dim, keepdim=True)
     s = _f16_toward(((hi.double() - z.double()) / qmax).clamp(min=2.0**-24), float("inf"))
-    q = torch.minimum(torch.round((x - z) / s).clamp_(min=0), torch.as_tensor(qmax, device=x.device)).to(torch.uint8)
+    q = torch.round((x - z) / s)
+    q = (q.clamp_(0, qmax) if isinstance(qmax, int) else torch.minimum(q.clamp_(min=0), qmax)).to(torch.uint8)
     return q, s.half(), z.half()
 
 
@@ -311,7 +313,8 @@ class KiviCodec(KVCodec):
         if vgroup is not None and head_dim % vgroup:
             raise ValueError(f"kivi value group c{vgroup} must divide head_dim {head_dim}")
         self.vgroup = vgroup or (V_GROUP if head_dim % V_GROUP == 0 else head_dim)
-        self.spec = (f"kivi:{key_plan.avg_bits if key_plan else bits:g}:g{block_size}" + (f":r{residual}" if residual != block_size else "")
+        self.spec = (f"kivi:{key_plan.avg_bits if key_plan else bits:g}:g{block_size}"
+                     + (f":r{residual}" if residual != block_size else "")
                      + (f":sink{sink}" if sink else "") + (f":v{vbits}" if vbits != bits else "")
                      + (f":c{self.vgroup}" if vgroup else "") + (":s8" if scale_bits == 8 else "")
                      + (":prerope" if rope is not None else "") + (":rotate" if rotate else "")
@@ -595,10 +598,8 @@ class KiviCodec(KVCodec):
 
     def _rope(self, k: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys [B, n, H, D] at positions 0..n-1 -> rotated (float32 tables, as the kernel)."""
-        n, half = k.shape[1], k.shape[-1] // 2
-        cos, sin = self.rope_cos[:n, None, :], self.rope_sin[:n, None, :]
-        kf = k.float()
-        return (kf * cos + torch.cat((kf[..., half:], kf[..., :half]), dim=-1) * sin).to(k.dtype)
+        n = k.shape[1]
+        return RotaryEmbedding.apply(k.float(), (self.rope_cos[:n, None], self.rope_sin[:n, None])).to(k.dtype)
 
     fused_decode = True
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from leanlm.kv.codecs import KVCodec
 from leanlm.kv.quantized import asym_quantize, pack_codes, unpack_codes
+from leanlm.models.layers import RotaryEmbedding
 
 DEFAULT_GROUP = 32
 
@@ -137,9 +138,7 @@ class XQuantCodec(KVCodec):
         H, D = self.num_kv_heads, self.head_dim
         k, v = kv.unflatten(-1, (2, H, D)).unbind(-3)
         n = k.shape[-3]
-        cos, sin = self.cos[:n].unsqueeze(1), self.sin[:n].unsqueeze(1)
-        k = k * cos + torch.cat((k[..., D // 2:], k[..., : D // 2]), -1) * sin
-        return k, v
+        return RotaryEmbedding.apply(k, (self.cos[:n].unsqueeze(1), self.sin[:n].unsqueeze(1))), v
 
     def read_blocks(self, layer, block_tables):
         B, nblk = block_tables.shape

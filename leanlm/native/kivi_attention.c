@@ -76,6 +76,13 @@ static inline void unpack_mixed(const uint8_t *p, const int32_t *perm, const uin
     }
 }
 
+/* one token and head's key codes: uniform widths, or kmix's mixed widths when perm is set */
+static inline void unpack_key(const uint8_t *p, int kbits, const int32_t *perm, const uint8_t *gbits, int D,
+                              float *out) {
+    if (perm) unpack_mixed(p, perm, gbits, D, out);
+    else unpack(p, kbits, D, out);
+}
+
 static inline void load_row(const void *base, int bf16, size_t idx, int D, float *out) {
     if (bf16) { const uint16_t *r = (const uint16_t *)base + idx; for (int d = 0; d < D; d++) out[d] = bf2f(r[d]); }
     else memcpy(out, (const float *)base + idx, sizeof(float) * D);
@@ -145,6 +152,8 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             const int64_t L = lens[b];
+            const int32_t *hperm = kperm ? kperm + (size_t)h * D : NULL;      /* kmix: this head's layout */
+            const uint8_t *hgbits = kperm ? kgbits + (size_t)h * (D / 8) : NULL;
             float *sc = malloc(sizeof(float) * G * (L > 0 ? L : 1));
             if (!sc) { err = 1; continue; }
             float qs[MAXG][MAXD], c0[MAXG], buf[MAXD], acc[MAXG][MAXD], mx[MAXG], sum[MAXG];
@@ -168,8 +177,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 if (rope_cos) {  /* dequantize, rotate to the position, then the dots */
                     for (int t = 0; t < nt; t++) {
                         const size_t tok = ((size_t)block * bs + t) * H + h;
-                        if (kperm) unpack_mixed(kc + tok * P, kperm + (size_t)h * D, kgbits + (size_t)h * (D / 8), D, buf);
-                        else unpack(kc + tok * P, kbits, D, buf);
+                        unpack_key(kc + tok * P, kbits, hperm, hgbits, D, buf);
                         for (int d = 0; d < D; d++) buf[d] = buf[d] * s_c[d] + z_c[d];
                         rope_row(buf, rope_cos + (size_t)(t0 + t) * D, rope_sin + (size_t)(t0 + t) * D, D);
                         for (int g = 0; g < G; g++)
@@ -187,8 +195,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 }
                 for (int t = 0; t < nt; t++) {
                     const size_t tok = ((size_t)block * bs + t) * H + h;
-                    if (kperm) unpack_mixed(kc + tok * P, kperm + (size_t)h * D, kgbits + (size_t)h * (D / 8), D, buf);
-                    else unpack(kc + tok * P, kbits, D, buf);
+                    unpack_key(kc + tok * P, kbits, hperm, hgbits, D, buf);
                     const float norm = kn ? h2f(kn[tok]) : 1.f;
                     for (int g = 0; g < G; g++)
                         sc[(size_t)g * L + t0 + t] = (dot(qs[g], buf, D) + c0[g]) * norm * scale;
