@@ -161,8 +161,11 @@ class PagedKVCache(KVCache):
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(s.start, s.start + s.n))
         ctx = PagedContext(seqs, all(s.n == 1 for s in seqs),
                            torch.tensor(slots, dtype=torch.long, device=self.device))
-        # every row attends row by row: one attention call per layer over all rows (row_tables)
-        row_wise = self.fused_rows and all(s.n <= FUSED_ROWS_MAX for s in seqs)
+        # every row attends row by row: one attention call per layer over all rows (row_tables);
+        # for a lossy codec only when every row is a decode (a chunk must see its own tokens as
+        # stored, which the fused path gives only for exact codecs)
+        row_wise = (self.fused_rows and all(s.n <= FUSED_ROWS_MAX for s in seqs)
+                    or self.fused_decode and ctx.decode_only)
         if row_wise:
             self._row_tables(ctx)
         decodes = [s for s in seqs if s.n == 1]
@@ -230,9 +233,9 @@ class PagedKVCache(KVCache):
         """q [T, Hq, D], k/v [T, Hkv, D] for the flattened batch -> [T, Hq, D]."""
         rot = self.codec.rotation
         if rot is not None:  # (qR)(kR)^T = qk^T; attention over vR gives out R, undone below (R^T = R^-1)
-            v = v @ rot
+            v = _rotate(v, rot)
             if self.codec.rotate_qk:  # not pre-RoPE keys: R does not commute with RoPE
-                q, k = q @ rot, k @ rot
+                q, k = _rotate(q, rot), _rotate(k, rot)
         if self.wants_layer_input:
             self.codec.write(layer, ctx.slot_mapping, k, v, self.layer_input)
         else:
@@ -240,7 +243,7 @@ class PagedKVCache(KVCache):
         if ctx.row_tables is not None:  # every row in one call (None: compiling, take the paths below)
             o = self.codec.decode_attention(layer, q, ctx.row_tables, ctx.row_lens)
             if o is not None:
-                return o if rot is None else o @ rot.T
+                return o if rot is None else _rotate(o, rot.T)
         out = torch.empty_like(q)
         for d in ctx.decodes:
             if d.fused_tables is not None:  # attention computed on the stored codes, no dequantized copy
@@ -280,7 +283,15 @@ class PagedKVCache(KVCache):
                 q[sl].transpose(0, 1).unsqueeze(0), keys, values,
                 attn_mask=p.mask, is_causal=p.mask is None and p.n > 1)
             out[sl] = o[0].transpose(0, 1)
-        return out if rot is None else out @ rot.T
+        return out if rot is None else _rotate(out, rot.T)
+
+
+def _rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ rot, on the C function the native whole-layer executor uses when x is float32
+    on the CPU (so a token's stored K/V do not depend on which path its step took), else torch."""
+    from leanlm.native import kivi as native_kivi
+
+    return native_kivi.rotate(x, rot) if native_kivi.native_f32(x) else x @ rot
 
 
 DEFAULT_BUDGET_BYTES = 4 * 2**30   # vLLM's CPU default (VLLM_CPU_KVCACHE_SPACE=4)

@@ -523,8 +523,16 @@ class KiviCodec(KVCodec):
         plan = self._plan_for(slots)
         bs, H, D = self.block_size, self.num_kv_heads, self.head_dim
         T = k.shape[0]
-        # values (and, with ktok, keys): per token over channel groups, quantized as they arrive
-        self._write_tokens(v, slots, self.vbits, self.vc[layer], self.vs[layer], self.vz[layer])
+        # values (and, with ktok, keys): per token over channel groups, quantized as they arrive;
+        # float32 on the CPU through the C quantizer the native executor uses (the same codes as
+        # _write_tokens, tested), so a token's codes do not depend on which path its step took
+        from leanlm.native import kivi as native_kivi  # (it imports this module)
+
+        vf = v.float()
+        if native_kivi.native_f32(vf):
+            native_kivi.quant_values(self, layer, vf, slots)
+        else:
+            self._write_tokens(v, slots, self.vbits, self.vc[layer], self.vs[layer], self.vz[layer])
         if self.ktoken:
             self._write_tokens(k, slots, self.bits, self.kc[layer], self.ks[layer], self.kz[layer])
         rk, rv = self.rk[layer].view(-1, H, D), self.rv[layer].view(-1, H, D)

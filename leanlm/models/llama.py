@@ -140,7 +140,9 @@ class LlamaForCausalLM(nn.Module):
         end = len(self.layers) if end is None else end
         fast = self._native_layers(cache, ctx)
         if fast is not None:  # every layer in one native call, same numbers (native/layers.py)
-            return fast.run(x, tables, ctx, start, end)
+            out = fast.run(x, tables, ctx, start, end)
+            if out is not None:
+                return out
         for layer in self.layers[start:end]:
             x = layer(x, tables, cache, ctx)
         return x

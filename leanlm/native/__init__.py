@@ -61,7 +61,9 @@ def build(name: str) -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (gcc or cc on PATH, or $CC)")
-    src = (SOURCE_DIR / f"{name}.c").read_bytes()
+    # the source and every header beside it (vec.h): a changed header must rebuild its users
+    src = b"\0".join([(SOURCE_DIR / f"{name}.c").read_bytes()]
+                      + [h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h"))])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     key = hashlib.sha256(b"\0".join([src, " ".join(CFLAGS).encode(), version.encode(),
                                      platform.machine().encode(), _cpu_signature().encode()]))

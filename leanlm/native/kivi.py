@@ -1,4 +1,6 @@
-"""ctypes binding of kivi_attention.c: decode attention read straight from KIVI's codes."""
+"""ctypes binding of kivi_attention.c: decode attention read straight from KIVI's codes, the
+value quantizer and Hadamard rotation the module path and the whole-layer executor share, and the
+per-layer descriptors of that executor (native/layers.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -8,21 +10,62 @@ import torch
 from leanlm import native
 from leanlm.kv.quantized import S8_TABLE, s8_zero_unit
 
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-_fn = None
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+_SIGNATURES = {
+    "kivi_decode_attention": ([_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P,
+                               _I, _I, _I, _P, _F, _P, _P, _P, _I, _P, _P, _P, _P, _I, _F, _P], _I),
+    "kivi_rotate_f32": ([_P, _L, _L, _I, _I, _P], None),
+    "kivi_quant_values": ([_P, _L, _L, _I, _I, _I, _I, _P, _F, _P, _P, _P, _P], None),
+    "kivi_layer_step": ([_P, _P, _P, _I, _L, _P, _P, _I, _P, _P], _I),
+}
+_fns: dict | None = None
+_S8 = S8_TABLE.contiguous()  # one table for every call: descriptors hold its address
+
+
+def _lib() -> dict | None:
+    global _fns
+    if not native.enabled():
+        return None
+    if _fns is None:
+        fns = {n: native.function("kivi_attention", n, a, r) for n, (a, r) in _SIGNATURES.items()}
+        _fns = fns if all(f is not None for f in fns.values()) else {}
+    return _fns or None
 
 
 def kernel():
-    global _fn
-    if _fn is None and native.enabled():
-        _fn = native.function("kivi_attention", "kivi_decode_attention",
-                              [_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P,
-                               _I, _I, _I, _P, _F, _P, _P, _P, _I, _P, _P, _P, _P, _I, _F, _P], _I)
-    return _fn if native.enabled() else None
+    lib = _lib()
+    return lib["kivi_decode_attention"] if lib else None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def native_f32(x: torch.Tensor) -> bool:
+    """Whether the shared native write-side functions apply to x: float32 on the CPU, eager."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _lib() is not None)
+
+
+def rotate(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """x [..., D] float32 times R [D, D] float32 per head, as a new tensor (kivi_rotate_f32: the
+    executor's own rotation, so both paths round alike)."""
+    D = x.shape[-1]
+    out, R = x.contiguous().clone(), R.contiguous()  # (a name for R: a temporary's memory is freed before the call)
+    _lib()["kivi_rotate_f32"](out.data_ptr(), out.numel() // D, D, 1, D, R.data_ptr())
+    return out
+
+
+def quant_values(codec, layer: int, x: torch.Tensor, slots: torch.Tensor) -> None:
+    """Values x [T, H, D] float32 into `slots` [T] of codec's layer: codes, scales and zeros
+    (kivi_quant_values: asym_quantize / asym_quantize8 computed in C)."""
+    T, H, D = x.shape
+    x, slots = x.contiguous(), slots.to(torch.int64).contiguous()
+    s8 = codec.scale_bits == 8
+    _lib()["kivi_quant_values"](x.data_ptr(), T, H * D, H, D, codec.vgroup, codec.vbits,
+                                _S8.data_ptr() if s8 else None, s8_zero_unit(codec.vbits) if s8 else 0.0,
+                                slots.data_ptr(), codec.vc[layer].data_ptr(), codec.vs[layer].data_ptr(),
+                                codec.vz[layer].data_ptr())
 
 
 def decode_attention(codec, layer: int, q: torch.Tensor, tables: torch.Tensor,
@@ -40,13 +83,12 @@ def decode_attention(codec, layer: int, q: torch.Tensor, tables: torch.Tensor,
     kn = codec.kn[layer] if codec.knorm else None
     plan = codec.key_plan  # kmix: per-channel key widths
     s8 = codec.scale_bits == 8  # values: uint8 scale codes into S8_TABLE, int8 zeros in units of the scale
-    table = S8_TABLE.contiguous() if s8 else None
     rc = fn(qf.data_ptr(), B, Hq, codec.num_kv_heads, D, tables.data_ptr(), tables.shape[1],
             lens.data_ptr(), codec.block_size,
             codec.kc[layer].data_ptr(), codec.ks[layer].data_ptr(), codec.kz[layer].data_ptr(), _ptr(kn),
             codec.vc[layer].data_ptr(), codec.vs[layer].data_ptr(), codec.vz[layer].data_ptr(),
             codec.bits, codec.vbits, codec.vgroup,
-            _ptr(table), s8_zero_unit(codec.vbits) if s8 else 0.0,
+            _S8.data_ptr() if s8 else None, s8_zero_unit(codec.vbits) if s8 else 0.0,
             codec.res_row.data_ptr(),
             codec.rk[layer].data_ptr(), codec.rv[layer].data_ptr(), int(codec.res_dtype == torch.bfloat16),
             _ptr(codec.rope_cos), _ptr(codec.rope_sin),
@@ -55,3 +97,67 @@ def decode_attention(codec, layer: int, q: torch.Tensor, tables: torch.Tensor,
     if rc != 0:
         return None
     return out.to(q.dtype)
+
+
+# -- the whole-layer executor's side (native/layers.py) ------------------------------------------
+
+class _KiviLayer(ctypes.Structure):
+    _fields_ = [(n, _L) for n in ("Hq", "H", "D", "bs", "kbits", "vbits", "vgroup", "kbytes", "res_bf16",
+                                   "rotate_qk")] + [("vzunit", _F), ("scale", _F)] + [
+        (n, _P) for n in ("s8_table", "kc", "ks", "kz", "kn", "vc", "vs", "vz", "res_row", "rk", "rv",
+                          "rope_cos", "rope_sin", "kperm", "kgbits", "rot", "rot_t")]
+
+
+class _KiviStep(ctypes.Structure):
+    _fields_ = [("res_at", _P)]
+
+
+def executor_supports(codec, num_heads: int) -> bool:
+    """Whether the executor can run this codec's decode steps (float32 compute on the CPU, keys
+    per channel: not ktok)."""
+    return (_lib() is not None and codec.device.type == "cpu" and codec.dtype == torch.float32
+            and not codec.ktoken and num_heads % codec.num_kv_heads == 0)
+
+
+def layer_descriptors(codec, num_heads: int) -> tuple[list[_KiviLayer], list]:
+    """One descriptor per layer (pointers into codec's tensors) and the tensors they point into."""
+    s8 = codec.scale_bits == 8
+    rot = codec.rotation
+    rot_t = rot.T.contiguous() if rot is not None else None
+    rot = rot.contiguous() if rot is not None else None
+    refs = [rot, rot_t, _S8]
+    plan = codec.key_plan
+    out = []
+    for i in range(codec.num_layers):
+        kn = codec.kn[i] if codec.knorm else None
+        kperm, kgbits = (codec.kperm[i], codec.kgbits[i]) if plan else (None, None)
+        out.append(_KiviLayer(
+            num_heads, codec.num_kv_heads, codec.head_dim, codec.block_size, codec.bits, codec.vbits,
+            codec.vgroup, plan.bytes_per_head if plan else 0, int(codec.res_dtype == torch.bfloat16),
+            int(codec.rotate_qk), s8_zero_unit(codec.vbits) if s8 else 0.0, codec.head_dim ** -0.5,
+            _S8.data_ptr() if s8 else None, codec.kc[i].data_ptr(), codec.ks[i].data_ptr(), codec.kz[i].data_ptr(),
+            _ptr(kn), codec.vc[i].data_ptr(), codec.vs[i].data_ptr(), codec.vz[i].data_ptr(),
+            codec.res_row.data_ptr(), codec.rk[i].data_ptr(), codec.rv[i].data_ptr(),
+            _ptr(codec.rope_cos), _ptr(codec.rope_sin), _ptr(kperm), _ptr(kgbits), _ptr(rot), _ptr(rot_t)))
+        refs += [codec.kc[i], codec.ks[i], codec.kz[i], kn, codec.vc[i], codec.vs[i], codec.vz[i],
+                 codec.rk[i], codec.rv[i], kperm, kgbits]
+    refs += [codec.res_row, codec.rope_cos, codec.rope_sin]
+    return out, refs
+
+
+def step_address() -> int:
+    """kivi_layer_step's address, for ops.c's attend function pointer."""
+    return ctypes.cast(_lib()["kivi_layer_step"], _P).value
+
+
+def step_plan(codec, slots: torch.Tensor) -> tuple[_KiviStep, torch.Tensor] | None:
+    """This step's plan for the executor: each row's residual index; None when a block fills in
+    this step (its keys are quantized on the module path) or a row has no residual slot."""
+    plan = codec._plan_for(slots)
+    if plan.full_blocks.numel() or plan.res_src.numel() != slots.numel():
+        return None
+    res_at = torch.full((slots.numel(),), -1, dtype=torch.int64)
+    res_at[plan.res_src] = plan.res_dst
+    if bool((res_at < 0).any()):
+        return None
+    return _KiviStep(res_at.data_ptr()), res_at

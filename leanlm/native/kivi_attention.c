@@ -21,6 +21,8 @@ together, so each code is unpacked once per KV head. Parallel over (sequence, KV
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec.h"
+
 static inline float h2f(uint16_t h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
 static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
 
@@ -37,8 +39,45 @@ static inline void scale_zero(const void *s, const void *z, size_t i, const floa
     }
 }
 
+/* 16 codes of B bits (2B bytes, code i at bit B*i of the little-endian word, as pack_codes lays
+   them out) -> 16 floats: the word's two halves broadcast to 8 lanes each, shifted per lane. */
+typedef uint32_t u32v16 __attribute__((vector_size(64)));
+
+/* n <= 8 little-endian bytes as a word, from whole loads of 4, 2 and 1 bytes: a memcpy of an odd
+   size into a zeroed word went through the stack (two narrow stores, one wide reload: a
+   store-forwarding stall that took a quarter of the kernel's time) */
+static inline uint64_t load_le(const uint8_t *p, int n) {
+    uint64_t w = 0;
+    int at = 0;
+    if (n >= 8) { memcpy(&w, p, 8); return w; }
+    if (n >= 4) { uint32_t x; memcpy(&x, p, 4); w = x; at = 4; }
+    if (n - at >= 2) { uint16_t x; memcpy(&x, p + at, 2); w |= (uint64_t)x << (8 * at); at += 2; }
+    if (n - at >= 1) w |= (uint64_t)p[at] << (8 * at);
+    return w;
+}
+
+#define CODES16(B)                                                                              \
+    static inline v16 codes16_##B(const uint8_t *p) {                                           \
+        const uint64_t w = load_le(p, 2 * B);                                                   \
+        const uint32_t lo = (uint32_t)(w & ((1ull << (8 * B)) - 1)), hi = (uint32_t)(w >> (8 * B)); \
+        const u32v16 v = (u32v16){lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi}  \
+            >> (u32v16){0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B,                         \
+                        0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};                        \
+        return __builtin_convertvector(v & ((1u << B) - 1), v16);                               \
+    }
+CODES16(2)
+CODES16(3)
+CODES16(4)
+
 /* packed codes of one token and head -> D floats (layouts of pack_codes in kv/quantized.py) */
 static inline void unpack(const uint8_t *p, int bits, int D, float *out) {
+    if (D % 16 == 0 && bits >= 2 && bits <= 4) {  /* 16 codes at a time */
+        for (int c = 0; c < D / 16; c++) {
+            const uint8_t *pc = p + 2 * bits * c;
+            *(v16 *)(out + 16 * c) = bits == 4 ? codes16_4(pc) : bits == 3 ? codes16_3(pc) : codes16_2(pc);
+        }
+        return;
+    }
     switch (bits) {
     case 8: for (int d = 0; d < D; d++) out[d] = p[d]; break;
     case 4: for (int j = 0; j < D / 2; j++) { out[2 * j] = p[j] & 15; out[2 * j + 1] = p[j] >> 4; } break;
@@ -59,8 +98,7 @@ static inline void unpack(const uint8_t *p, int bits, int D, float *out) {
    (perm[8j..8j+7]) is one little-endian word of gbits[j] bytes, code i at bit gbits[j] * i */
 #define MIXED_GROUP(B)                                                                   \
     case B: {                                                                            \
-        uint64_t w = 0;                                                                  \
-        memcpy(&w, p, B); /* a constant size: inlined; little-endian host (x86, arm64) */ \
+        const uint64_t w = load_le(p, B); /* little-endian host (x86, arm64) */          \
         for (int i = 0; i < 8; i++) out[pj[i]] = (float)((w >> (B * i)) & ((1u << B) - 1)); \
         p += B;                                                                          \
         break;                                                                           \
@@ -91,9 +129,6 @@ static inline void load_row(const void *base, int bf16, size_t idx, int D, float
 #define MAXD 256
 #define MAXG 16
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
 
 /* sum of a[d] * b[d] in a fixed order: 16 lanes, then a tree over the lanes. A plain scalar loop
    is one dependent FMA at a time (the compiler may not reorder a float sum), which made the score
@@ -121,6 +156,22 @@ static inline void rope_row(float *x, const float *cos, const float *sin, int D)
     for (int d = 0; d < half; d++) tmp[d] = x[d] * cos[d] + x[d + half] * sin[d];
     for (int d = half; d < D; d++) tmp[d] = x[d] * cos[d] + x[d - half] * sin[d];
     memcpy(x, tmp, sizeof(float) * D);
+}
+
+/* the largest of p[0..L) (16 lanes, then the tail) */
+static inline float max_of(const float *p, int64_t L) {
+    float m = -INFINITY;
+    int64_t t = 0;
+    if (L >= 16) {
+        v16 a = *(const v16 *)p;
+        for (t = 16; t + 16 <= L; t += 16) {
+            const v16 x = *(const v16 *)(p + t);
+            a = (v16)(((v16i)x & (x > a)) | ((v16i)a & ~(x > a)));
+        }
+        for (int l = 0; l < 16; l++) m = a[l] > m ? a[l] : m;
+    }
+    for (; t < L; t++) m = p[t] > m ? p[t] : m;
+    return m;
 }
 
 /* q [B, Hq, D] float32; tables [B, nblk] block ids; lens [B] tokens each query attends to;
@@ -155,7 +206,8 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
             const int32_t *hperm = kperm ? kperm + (size_t)h * D : NULL;      /* kmix: this head's layout */
             const uint8_t *hgbits = kperm ? kgbits + (size_t)h * (D / 8) : NULL;
             float *sc = malloc(sizeof(float) * G * (L > 0 ? L : 1));
-            if (!sc) { err = 1; continue; }
+            float *vbuf = malloc(sizeof(float) * (size_t)bs * D);  /* one block's values */
+            if (!sc || !vbuf) { free(sc); free(vbuf); err = 1; continue; }
             float qs[MAXG][MAXD], c0[MAXG], buf[MAXD], acc[MAXG][MAXD], mx[MAXG], sum[MAXG];
             const float *qh = q + ((size_t)b * Hq + (size_t)h * G) * D;
             for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {   /* scores */
@@ -174,6 +226,29 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 const size_t kbase = ((size_t)block * H + h) * D;
                 float s_c[MAXD], z_c[MAXD];
                 for (int d = 0; d < D; d++) scale_zero(ks, kz, kbase + d, NULL, 0.f, &s_c[d], &z_c[d]);
+                if (rope_cos && D == 64) {  /* as below, in registers: 4 lanes of 16 per row */
+                    const v16 s0 = *(v16 *)s_c, s1 = *(v16 *)(s_c + 16), s2 = *(v16 *)(s_c + 32), s3 = *(v16 *)(s_c + 48);
+                    const v16 z0 = *(v16 *)z_c, z1 = *(v16 *)(z_c + 16), z2 = *(v16 *)(z_c + 32), z3 = *(v16 *)(z_c + 48);
+                    for (int t = 0; t < nt; t++) {
+                        const size_t tok = ((size_t)block * bs + t) * H + h;
+                        unpack_key(kc + tok * P, kbits, hperm, hgbits, D, buf);
+                        const v16 x0 = *(v16 *)buf * s0 + z0, x1 = *(v16 *)(buf + 16) * s1 + z1,
+                                  x2 = *(v16 *)(buf + 32) * s2 + z2, x3 = *(v16 *)(buf + 48) * s3 + z3;
+                        const float *c = rope_cos + (size_t)(t0 + t) * 64, *sn = rope_sin + (size_t)(t0 + t) * 64;
+                        /* rope_row: first half x1 cos + x2 sin, second half x2 cos + x1 sin (sin signed) */
+                        const v16 r0 = x0 * *(const v16 *)c + x2 * *(const v16 *)sn,
+                                  r1 = x1 * *(const v16 *)(c + 16) + x3 * *(const v16 *)(sn + 16),
+                                  r2 = x2 * *(const v16 *)(c + 32) + x0 * *(const v16 *)(sn + 32),
+                                  r3 = x3 * *(const v16 *)(c + 48) + x1 * *(const v16 *)(sn + 48);
+                        for (int g = 0; g < G; g++) {
+                            const float *qg = qh + g * 64;
+                            const v16 a = r0 * *(const v16 *)qg + r1 * *(const v16 *)(qg + 16)
+                                        + r2 * *(const v16 *)(qg + 32) + r3 * *(const v16 *)(qg + 48);
+                            sc[(size_t)g * L + t0 + t] = hsum(a) * scale;
+                        }
+                    }
+                    continue;
+                }
                 if (rope_cos) {  /* dequantize, rotate to the position, then the dots */
                     for (int t = 0; t < nt; t++) {
                         const size_t tok = ((size_t)block * bs + t) * H + h;
@@ -202,30 +277,47 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 }
             }
             for (int g = 0; g < G; g++) {                                 /* softmax */
-                float m = -INFINITY, z = 0.f;
-                for (int64_t t = 0; t < L; t++) m = sc[(size_t)g * L + t] > m ? sc[(size_t)g * L + t] : m;
-                for (int64_t t = 0; t < L; t++) { float e = expf(sc[(size_t)g * L + t] - m); sc[(size_t)g * L + t] = e; z += e; }
-                mx[g] = m; sum[g] = z;
+                float *sg = sc + (size_t)g * L;
+                const float m = max_of(sg, L);
+                mx[g] = m;
+                sum[g] = exp_shift_sum(sg, L, m);
                 for (int d = 0; d < D; d++) acc[g][d] = 0.f;
             }
             for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {   /* values */
                 const int64_t block = tables[(size_t)b * nblk + blk], row = res_row[block];
                 const int nt = L - t0 < bs ? (int)(L - t0) : bs;
+                /* the block's values (dequantized, or its residual rows) once, then each query
+                   head's weighted sum over them with its accumulators in registers */
                 for (int t = 0; t < nt; t++) {
+                    float *vt = vbuf + (size_t)t * D;
                     const size_t tok = ((size_t)block * bs + t) * H + h;
-                    if (row >= 0) load_row(rv, res_bf16, (((size_t)row * bs + t) * H + h) * D, D, buf);
+                    if (row >= 0) load_row(rv, res_bf16, (((size_t)row * bs + t) * H + h) * D, D, vt);
                     else {
-                        unpack(vc + tok * PV, vbits, D, buf);
+                        unpack(vc + tok * PV, vbits, D, vt);
                         for (int c = 0; c < ng; c++) {
                             float s, z;
                             scale_zero(vs, vz, tok * ng + c, s8_table, vzunit, &s, &z);
-                            for (int d = c * vgroup; d < (c + 1) * vgroup; d++) buf[d] = buf[d] * s + z;
+                            for (int d = c * vgroup; d < (c + 1) * vgroup; d++) vt[d] = vt[d] * s + z;
                         }
                     }
-                    for (int g = 0; g < G; g++) {
-                        const float p = sc[(size_t)g * L + t0 + t];
-                        for (int d = 0; d < D; d++) acc[g][d] += p * buf[d];
-                    }
+                }
+                for (int g = 0; g < G; g++) {
+                    const float *pg = sc + (size_t)g * L + t0;
+                    if (D == 64) {
+                        v16 a0 = *(v16 *)acc[g], a1 = *(v16 *)(acc[g] + 16), a2 = *(v16 *)(acc[g] + 32),
+                            a3 = *(v16 *)(acc[g] + 48);
+                        for (int t = 0; t < nt; t++) {
+                            const float *vt = vbuf + (size_t)t * 64, w = pg[t];
+                            a0 += w * *(const v16 *)vt;
+                            a1 += w * *(const v16 *)(vt + 16);
+                            a2 += w * *(const v16 *)(vt + 32);
+                            a3 += w * *(const v16 *)(vt + 48);
+                        }
+                        *(v16 *)acc[g] = a0; *(v16 *)(acc[g] + 16) = a1;
+                        *(v16 *)(acc[g] + 32) = a2; *(v16 *)(acc[g] + 48) = a3;
+                    } else
+                        for (int t = 0; t < nt; t++)
+                            for (int d = 0; d < D; d++) acc[g][d] += pg[t] * vbuf[(size_t)t * D + d];
                 }
             }
             for (int g = 0; g < G; g++) {
@@ -233,8 +325,188 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 const float inv = sum[g] > 0.f ? 1.f / sum[g] : 0.f;
                 for (int d = 0; d < D; d++) o[d] = acc[g][d] * inv;
             }
-            (void)mx;
+            free(vbuf);
             free(sc);
         }
     return err ? -2 : 0;
+}
+
+
+/* ---- the write side, and one layer's whole attention step for the whole-layer executor ----
+   The module path (kv/paged.py, KiviCodec.write) calls the same functions for the same work, so
+   the executor (ops.c's decoder_layers_f32 with this file's kivi_layer_step) equals it bit for
+   bit, and every step stores what any other step would have stored for the same token. */
+
+/* x [M rows, `stride` floats apart], H heads of D each from the row start: each head times R
+   [D, D] (row vector times matrix), in place; the sum over i runs in order for every head. */
+void kivi_rotate_f32(float *x, long M, long stride, int H, int D, const float *R) {
+    float acc[MAXD];
+    for (long m = 0; m < M; m++)
+        for (int h = 0; h < H; h++) {
+            float *xh = x + m * stride + (long)h * D;
+            for (int j = 0; j < D; j++) acc[j] = 0.f;
+            for (int i = 0; i < D; i++) {
+                const float xi = xh[i];
+                const float *r = R + (size_t)i * D;
+                for (int j = 0; j < D; j++) acc[j] += xi * r[j];
+            }
+            memcpy(xh, acc, sizeof(float) * D);
+        }
+}
+
+static inline uint16_t f2bf(float f) {  /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* the float16 next to h toward +inf (up) or -inf, as torch.nextafter */
+static inline _Float16 f16_next(_Float16 h, int up) {
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    if ((u & 0x7fff) == 0) u = up ? 0x0001 : 0x8001;
+    else if (!(u & 0x8000) == !!up) u++;
+    else u--;
+    memcpy(&h, &u, 2);
+    return h;
+}
+
+/* x rounded to float16 toward +inf (up) or -inf: kv/quantized.py's _f16_toward */
+static inline _Float16 f16_toward(double x, int up) {
+    _Float16 r = (_Float16)x;
+    if (up ? (double)r < x : (double)r > x) r = f16_next(r, up);
+    return r;
+}
+
+static inline void pack_row(const uint8_t *q, int bits, int D, uint8_t *p) {
+    switch (bits) {
+    case 8: memcpy(p, q, D); break;
+    case 4: for (int j = 0; j < D / 2; j++) p[j] = q[2 * j] | q[2 * j + 1] << 4; break;
+    case 2: for (int j = 0; j < D / 4; j++) p[j] = q[4 * j] | q[4 * j + 1] << 2 | q[4 * j + 2] << 4 | q[4 * j + 3] << 6; break;
+    case 3:
+        for (int j = 0; j < D / 8; j++) {
+            uint32_t w = 0;
+            for (int i = 0; i < 8; i++) w |= (uint32_t)q[8 * j + i] << (3 * i);
+            p[3 * j] = w & 255; p[3 * j + 1] = (w >> 8) & 255; p[3 * j + 2] = (w >> 16) & 255;
+        }
+        break;
+    }
+}
+
+/* Per-token value quantization (KiviCodec._write_tokens): rows t of x (`stride` floats apart,
+   H heads of D) into slots[t]: codes [slots, H, D*bits/8], per group of vgroup channels a scale
+   and zero: fp16 (s8_table NULL, asym_quantize) or a uint8 code into s8_table and an int8 zero in
+   units of zunit scales (asym_quantize8). The same operations in the same precision as the torch
+   functions (double where they use double, no fused multiply-add), so the codes are theirs. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void kivi_quant_values(const float *x, long T, long stride, int H, int D, int vgroup, int bits,
+                       const float *s8_table, float zunit, const int64_t *slots,
+                       uint8_t *codes, void *scales, void *zeros) {
+    const int qmax = (1 << bits) - 1, ng = D / vgroup, PV = D * bits / 8;
+    uint8_t q[MAXD];
+    for (long t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+            const float *xh = x + t * stride + (long)h * D;
+            const size_t head = (size_t)slots[t] * H + h;
+            for (int g = 0; g < ng; g++) {
+                const float *xg = xh + g * vgroup;
+                float lo = xg[0], hi = xg[0];
+                for (int i = 1; i < vgroup; i++) { lo = xg[i] < lo ? xg[i] : lo; hi = xg[i] > hi ? xg[i] : hi; }
+                const size_t at = head * ng + g;
+                if (s8_table) {
+                    const double dlo = lo, dhi = hi;
+                    double need = fmax(fmax((dhi - dlo) / qmax, -dlo / (128 * (double)zunit)),
+                                       fmax(dlo / (127 * (double)zunit), (double)s8_table[0]));
+                    int sc = 0;
+                    while (sc < 255 && (double)s8_table[sc] < need) sc++;
+                    const float s = s8_table[sc];
+                    double zd = nearbyint(dlo / ((double)s * zunit));
+                    zd = zd < -128 ? -128 : zd > 127 ? 127 : zd;
+                    const float su = s * zunit, off = (float)zd * su;
+                    for (int i = 0; i < vgroup; i++) {
+                        float c = nearbyintf((xg[i] - off) / s);
+                        q[g * vgroup + i] = (uint8_t)(c < 0.f ? 0.f : c > qmax ? qmax : c);
+                    }
+                    ((uint8_t *)scales)[at] = (uint8_t)sc;
+                    ((int8_t *)zeros)[at] = (int8_t)zd;
+                } else {
+                    const _Float16 z16 = f16_toward(lo, 0);
+                    const float z = (float)z16;
+                    double need = ((double)hi - (double)z) / qmax;
+                    need = need < 0x1p-24 ? 0x1p-24 : need;
+                    const _Float16 s16 = f16_toward(need, 1);
+                    const float s = (float)s16;
+                    for (int i = 0; i < vgroup; i++) {
+                        float c = nearbyintf((xg[i] - z) / s);
+                        q[g * vgroup + i] = (uint8_t)(c < 0.f ? 0.f : c > qmax ? qmax : c);
+                    }
+                    memcpy((uint16_t *)scales + at, &s16, 2);
+                    memcpy((uint16_t *)zeros + at, &z16, 2);
+                }
+            }
+            pack_row(q, bits, D, codes + head * PV);
+        }
+}
+#pragma GCC pop_options
+
+/* One layer of a kivi cache, for kivi_layer_step (built by leanlm/native/kivi.py). */
+typedef struct {
+    long Hq, H, D, bs, kbits, vbits, vgroup, kbytes, res_bf16, rotate_qk;
+    float vzunit, scale;
+    const float *s8_table;          /* NULL: fp16 value scales */
+    const uint8_t *kc; const void *ks, *kz; const uint16_t *kn;
+    uint8_t *vc; void *vs, *vz;
+    const int64_t *res_row; void *rk, *rv;
+    const float *rope_cos, *rope_sin;   /* prerope, or NULL */
+    const int32_t *kperm; const uint8_t *kgbits;  /* kmix, or NULL */
+    const float *rot, *rot_t;       /* the Hadamard rotation and its transpose, or NULL */
+} kivi_layer_t;
+
+typedef struct {
+    const int64_t *res_at;          /* [M]: each row's flat residual index (row * bs + offset) */
+} kivi_step_t;
+
+/* The attention of one layer for M decode rows whose tokens all go to residual rows (no block
+   fills in this step: the key quantization of a full block stays on the module path):
+   qkv [M, stride] after the projection and RoPE (q only, with prerope) -> out [M, Hq, D].
+   As PagedKVCache.attend: rotate (v; q and k unless prerope), store the values' codes and the
+   residual rows, attend from the codes, rotate the output back. */
+int kivi_layer_step(const kivi_layer_t *d, const kivi_step_t *st, float *qkv, int M, long stride,
+                    const int64_t *slots, const int64_t *tables, int nblk, const int64_t *lens, float *out) {
+    const int Hq = (int)d->Hq, H = (int)d->H, D = (int)d->D;
+    const long Q = (long)Hq * D, KV = (long)H * D;
+    if (d->rot) {
+        kivi_rotate_f32(qkv + Q + KV, M, stride, H, D, d->rot);
+        if (d->rotate_qk) kivi_rotate_f32(qkv, M, stride, Hq + H, D, d->rot);
+    }
+    kivi_quant_values(qkv + Q + KV, M, stride, H, D, (int)d->vgroup, (int)d->vbits, d->s8_table, d->vzunit,
+                      slots, d->vc, d->vs, d->vz);
+    for (int m = 0; m < M; m++) {
+        const int64_t at = st->res_at[m];
+        if (at < 0) return -3;
+        const float *k = qkv + (size_t)m * stride + Q, *v = k + KV;
+        if (d->res_bf16)
+            for (long i = 0; i < KV; i++) {
+                ((uint16_t *)d->rk)[at * KV + i] = f2bf(k[i]);
+                ((uint16_t *)d->rv)[at * KV + i] = f2bf(v[i]);
+            }
+        else {
+            memcpy((float *)d->rk + at * KV, k, sizeof(float) * KV);
+            memcpy((float *)d->rv + at * KV, v, sizeof(float) * KV);
+        }
+    }
+    float *qc = malloc(sizeof(float) * (size_t)M * Q);
+    if (!qc) return -2;
+    for (int m = 0; m < M; m++) memcpy(qc + (size_t)m * Q, qkv + (size_t)m * stride, sizeof(float) * Q);
+    const int rc = kivi_decode_attention(qc, M, Hq, H, D, tables, nblk, lens, (int)d->bs,
+                                         d->kc, d->ks, d->kz, d->kn, d->vc, d->vs, d->vz,
+                                         (int)d->kbits, (int)d->vbits, (int)d->vgroup, d->s8_table, d->vzunit,
+                                         d->res_row, d->rk, d->rv, (int)d->res_bf16, d->rope_cos, d->rope_sin,
+                                         d->kperm, d->kgbits, (int)d->kbytes, d->scale, out);
+    free(qc);
+    if (rc) return rc;
+    if (d->rot) kivi_rotate_f32(out, M, Q, Hq, D, d->rot_t);
+    return 0;
 }

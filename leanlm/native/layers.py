@@ -24,6 +24,7 @@ import weakref
 import torch
 
 from leanlm.native import gemm, ops, qgemm
+from leanlm.native import kivi as native_kivi
 
 _L, _P, _F = ctypes.c_long, ctypes.c_void_p, ctypes.c_float
 
@@ -34,12 +35,16 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
-                ("norm_in", _P), ("norm_post", _P), ("kc", _P), ("vc", _P)]
+                ("norm_in", _P), ("norm_post", _P), ("kc", _P), ("vc", _P), ("cache_kind", _L), ("attn", _P)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [("H", _L), ("Hq", _L), ("Hkv", _L), ("D", _L), ("I", _L), ("bs", _L),
-                ("eps", _F), ("scale", _F), ("sgemm", _P), ("qgemm", _P)]
+                ("eps", _F), ("scale", _F), ("sgemm", _P), ("qgemm", _P), ("attend", _P), ("rope_q_only", _L)]
+
+
+# how the executor reaches a layer's cache (ops.c's layer_t.cache_kind)
+PAGES_F32, PAGES_BF16, CODEC = 0, 1, 2
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -102,7 +107,15 @@ class NativeLayers:
                 or gemm.kernel() is None or qgemm.kernel() is None):
             return False
         codec = cache.codec
-        layers, refs = [], []
+        kind = _cache_kind(codec, cfg.num_heads)
+        if kind is None:
+            return False
+        self.kivi = kind == CODEC
+        attn, refs = ([None] * cfg.num_layers, [])
+        if self.kivi:
+            attn, refs = native_kivi.layer_descriptors(codec, cfg.num_heads)
+        self.attn = attn  # the descriptors themselves: layer_t.attn points into them
+        layers = []
         for i, layer in enumerate(model.layers):
             descs = [_linear(lin, refs) for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                     layer.mlp.gate_up_proj, layer.mlp.down_proj)]
@@ -111,16 +124,19 @@ class NativeLayers:
             n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm
             if n_in.eps != cfg.rms_norm_eps or n_post.eps != cfg.rms_norm_eps:
                 return False
-            layers.append(_Layer(*descs, n_in.weight.data_ptr(), n_post.weight.data_ptr(),
-                                 codec.k[i].data_ptr(), codec.v[i].data_ptr()))
+            pages = (None, None) if self.kivi else (codec.k[i].data_ptr(), codec.v[i].data_ptr())
+            layers.append(_Layer(*descs, n_in.weight.data_ptr(), n_post.weight.data_ptr(), *pages, kind,
+                                 ctypes.addressof(attn[i]) if self.kivi else None))
         self.checked = _holdings(model)  # identity snapshot: see module docstring
         self._dicts, self._keys, self._values = (list(c) for c in zip(*self.checked))
-        self.refs = refs + [v for _, _, v in self.checked] + codec.k + codec.v
+        self.refs = refs + [v for _, _, v in self.checked] + (codec.tensors() if not self.kivi else [])
+        self.codec = weakref.proxy(codec)
         self.layers = (_Layer * len(layers))(*layers)
         sg, qg = gemm.kernel(), qgemm.kernel()
         self.cfg = _Model(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                           cfg.intermediate_size, cache.block_size, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
-                          ctypes.cast(sg, _P).value, ctypes.cast(qg, _P).value)
+                          ctypes.cast(sg, _P).value, ctypes.cast(qg, _P).value,
+                          native_kivi.step_address() if self.kivi else None, int(codec.rope_keys))
         c = cfg
         qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
         self.work_per_row = 4 * c.hidden_size + qkv + c.num_heads * c.head_dim + 3 * c.intermediate_size
@@ -130,8 +146,15 @@ class NativeLayers:
         # map/operator keep the ~800 lookups in C (a generator expression took ~0.35 ms)
         return not all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._values))
 
-    def run(self, x: torch.Tensor, rope_tables, ctx, start: int, end: int) -> torch.Tensor:
-        """x [M, hidden] through layers start..end-1 -> a new tensor (x is not modified)."""
+    def run(self, x: torch.Tensor, rope_tables, ctx, start: int, end: int) -> torch.Tensor | None:
+        """x [M, hidden] through layers start..end-1 -> a new tensor (x is not modified); None
+        when this step is not one the executor covers (kivi: a block fills in it)."""
+        step = None
+        if self.kivi:
+            plan = native_kivi.step_plan(self.codec, ctx.slot_mapping)
+            if plan is None:
+                return None
+            step, res_at = plan
         x = x.contiguous().clone()
         M = x.shape[0]
         cos, sin = rope_tables
@@ -140,14 +163,28 @@ class NativeLayers:
         ops.decoder_layers(x.data_ptr(), M, ctypes.byref(self.cfg),
                            ctypes.byref(self.layers, start * ctypes.sizeof(_Layer)), end - start,
                            cos.data_ptr(), sin.data_ptr(), ctx.slot_mapping.data_ptr(), tables.data_ptr(),
-                           tables.shape[1], lens.data_ptr(), work.data_ptr())
+                           tables.shape[1], lens.data_ptr(), work.data_ptr(),
+                           ctypes.byref(step) if step is not None else None)
         return x
+
+
+def _cache_kind(codec, num_heads: int) -> int | None:
+    """How the executor reaches this codec's storage, or None when it cannot."""
+    from leanlm.kv.codecs import PlainCodec
+    from leanlm.kv.quantized import KiviCodec
+
+    if type(codec) is PlainCodec and codec.rotation is None and codec.dtype == torch.float32:
+        return {torch.float32: PAGES_F32, torch.bfloat16: PAGES_BF16}.get(codec.k[0].dtype)
+    if type(codec) is KiviCodec and native_kivi.executor_supports(codec, num_heads):
+        return CODEC
+    return None
 
 
 def applicable(cache, ctx) -> bool:
     """Whether this step can run on the native layers (the cache side; the model side is
-    NativeLayers.ok)."""
+    NativeLayers.ok): every row attends row by row (row_tables: decodes, and short chunks on an
+    exact codec) and the codec is one _cache_kind knows."""
     from leanlm.kv.codecs import PlainCodec
+    from leanlm.kv.quantized import KiviCodec
 
-    return getattr(ctx, "row_tables", None) is not None and getattr(cache, "fused_rows", False) \
-        and type(cache.codec) is PlainCodec and cache.codec.rotation is None
+    return getattr(ctx, "row_tables", None) is not None and type(cache.codec) in (PlainCodec, KiviCodec)

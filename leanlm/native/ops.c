@@ -11,9 +11,11 @@ number of rows, so results are batch-invariant (speculative verification of k+1 
 single-token steps bit for bit, as with the matmuls). */
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#include "vec.h"
 
 /* Sum of a[i] * b[i] in a fixed order: 16 lanes, then the lanes in order (the compiler may not
    reorder a scalar float sum itself, which would leave it one FMA at a time). Loads go through
@@ -58,30 +60,6 @@ void add_rmsnorm_f32(const float *x, const float *h, int M, int N, const float *
     }
 }
 
-typedef int v16i __attribute__((vector_size(64)));
-
-/* exp(x) for 16 floats: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its degree-6 Taylor polynomial
-   (relative error < 2e-7 on that range), 2^n built in the exponent bits. libm's expf is scalar
-   here (GCC vectorises it only under -ffast-math), which made SiLU ~8% of a 512-token prefill. */
-static inline v16 exp16(v16 x) {
-    const v16i over = x > 88.f, under = x < -87.f;  /* clamp: 2^n stays a normal float */
-    x = (v16)((over & (v16i)((v16){0} + 88.f)) | (under & (v16i)((v16){0} - 87.f))
-              | (~(over | under) & (v16i)x));
-    const v16 t = x * 1.44269504f + 0.5f;
-    v16i n = __builtin_convertvector(t, v16i);
-    n -= (v16i)(__builtin_convertvector(n, v16) > t) & 1;  /* floor for negative t */
-    const v16 nf = __builtin_convertvector(n, v16);
-    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;  /* ln2 in two parts (Cephes) */
-    v16 p = (v16){0} + 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    return p * (v16)((n + 127) << 23);
-}
-
 /* gate_up [M, 2I] (gate then up) -> out [M, I] = silu(gate) * up. */
 void silu_mul_f32(const float *gu, int M, int I, float *out) {
     #pragma omp parallel for schedule(static) if ((long)M * I >= 65536)
@@ -97,46 +75,79 @@ void silu_mul_f32(const float *gu, int M, int I, float *out) {
     }
 }
 
+/* The loops of a half-split rotation of H heads of D per row; INNER computes v[i], v[i + half]
+   from a = v[i], b = v[i + half] and the row's tables c, s. */
+#define ROPE_ROWS(...)                                                          \
+    const int half = D / 2;                                                     \
+    for (int m = 0; m < M; m++) {                                               \
+        const float *c = cos + (size_t)m * D, *s = sin_signed + (size_t)m * D;  \
+        for (int h = 0; h < H; h++) {                                           \
+            float *v = x + (size_t)m * row_stride + (size_t)h * D;              \
+            for (int i = 0; i < half; i++) {                                    \
+                const float a = v[i], b = v[i + half];                          \
+                __VA_ARGS__                                                     \
+            }                                                                   \
+        }                                                                       \
+    }
+
 /* Half-split (NeoX / HF Llama) rotary embedding, in place, on H heads of D per row:
    x[m] starts at x + m * row_stride; cos, sin_signed [M, D] (sin with its first half negated):
    x = x * cos + cat(x2, x1) * sin_signed. */
 void rope_f32(float *x, int M, int H, int D, long row_stride, const float *cos,
               const float *sin_signed) {
-    const int half = D / 2;
-    for (int m = 0; m < M; m++) {
-        const float *c = cos + (size_t)m * D, *s = sin_signed + (size_t)m * D;
-        for (int h = 0; h < H; h++) {
-            float *v = x + (size_t)m * row_stride + (size_t)h * D;
-            for (int i = 0; i < half; i++) {
-                const float a = v[i], b = v[i + half];
-                v[i] = a * c[i] + b * s[i];
-                v[i + half] = b * c[i + half] + a * s[i + half];
-            }
-        }
-    }
+    ROPE_ROWS(v[i] = a * c[i] + b * s[i]; v[i + half] = b * c[i + half] + a * s[i + half];)
+}
+
+/* The same rotation rounded as torch's RotaryEmbedding.apply rounds it (x * cos, cat(x2, x1) *
+   sin_signed and their sum each rounded to float32, no fused multiply-add): the whole-layer
+   executor rotates q with it where the module path rotates q in torch (kivi prerope), so the
+   two paths stay equal bit for bit. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void rope_unfused_f32(float *x, int M, int H, int D, long row_stride, const float *cos,
+                      const float *sin_signed) {
+    ROPE_ROWS(const float a1 = a * c[i], b1 = b * s[i], b2 = b * c[i + half], a2 = a * s[i + half];
+              v[i] = a1 + b1; v[i + half] = b2 + a2;)
+}
+#pragma GCC pop_options
+
+/* float32 -> bfloat16, round to nearest even (torch's conversion; NaN stays a quiet NaN) */
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+/* 16 cache values from float32 pages, or from bfloat16 pages widened exactly (bits << 16) */
+static inline v16 load16(const void *base, size_t i, int bf16) {
+    if (!bf16) return *(const v16 *)((const float *)base + i);
+    const u32x16 w = __builtin_convertvector(*(const u16x16 *)((const uint16_t *)base + i), u32x16) << 16;
+    return (v16)w;  /* a bit cast, in registers */
+}
+
+static inline float load1(const void *base, size_t i, int bf16) {
+    if (!bf16) return ((const float *)base)[i];
+    uint32_t w = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &w, 4);
+    return f;
 }
 
 #define MAX_DV 16  /* head dims up to 256 accumulate in registers */
 #define MAX_G 16   /* query heads per KV head handled together */
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-/* The 16 lanes summed as a fixed tree (8 + 8, 4 + 4, ...): short dependency chains. */
-static inline float hsum(v16 a) {
-    v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7)
-         + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
-/* Attention of R query rows over a paged float32 cache, each row on its own context:
-   q [R, Hq, D] (rows q_stride floats apart); kc, vc [slots, Hkv, D]; row r attends to the first lens[r] tokens of the blocks
+/* Attention of R query rows over a paged cache, each row on its own context:
+   q [R, Hq, D] (rows q_stride floats apart); kc, vc [slots, Hkv, D], float32, or bfloat16 when
+   `bf16` (widened exactly as it is read); row r attends to the first lens[r] tokens of the blocks
    tables[r, :] (slot = block * bs + offset); out [R, Hq, D]. The G = Hq / Hkv query heads of a KV
    head share its keys (GQA) and are scored together, each key read once. Softmax in float32 with
    the max subtracted, as SDPA. */
 int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, int D,
-                        const float *kc, const float *vc, const long *tables, int nblk,
+                        const void *kc, const void *vc, int bf16, const long *tables, int nblk,
                         const long *lens, int bs, float scale, float *out) {
     const int G = Hq / Hkv;
     const int fast = D % 16 == 0 && D <= 16 * MAX_DV && G <= MAX_G;
@@ -156,41 +167,43 @@ int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, i
             /* scores: token by token, block by block (no division per token) */
             for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
                 const int n = L - t0 < bs ? L - t0 : bs;
-                const float *kb = kc + ((size_t)tab[b] * bs * Hkv + h) * D;
+                const size_t kb = ((size_t)tab[b] * bs * Hkv + h) * D;
                 for (int i = 0; i < n; i++) {
-                    const float *kv = kb + (size_t)i * Hkv * D;
+                    const size_t kv = kb + (size_t)i * Hkv * D;
                     if (fast && D == 64) {
-                        const v16 k0 = *(const v16 *)kv, k1 = *(const v16 *)(kv + 16),
-                                  k2 = *(const v16 *)(kv + 32), k3 = *(const v16 *)(kv + 48);
+                        const v16 k0 = load16(kc, kv, bf16), k1 = load16(kc, kv + 16, bf16),
+                                  k2 = load16(kc, kv + 32, bf16), k3 = load16(kc, kv + 48, bf16);
                         for (int g = 0; g < G; g++) {
                             const float *qv = qh + (size_t)g * D;
                             const v16 a = k0 * *(const v16 *)qv + k1 * *(const v16 *)(qv + 16)
                                         + k2 * *(const v16 *)(qv + 32) + k3 * *(const v16 *)(qv + 48);
                             p[(size_t)g * L + t0 + i] = hsum(a) * scale;
                         }
-                    } else {
+                    } else if (!bf16) {
                         for (int g = 0; g < G; g++)
-                            p[(size_t)g * L + t0 + i] = dot(qh + (size_t)g * D, kv, D) * scale;
+                            p[(size_t)g * L + t0 + i] = dot(qh + (size_t)g * D, (const float *)kc + kv, D) * scale;
+                    } else {
+                        float kf[16 * MAX_DV];
+                        for (int d = 0; d < D && d < 16 * MAX_DV; d++) kf[d] = load1(kc, kv + d, 1);
+                        for (int g = 0; g < G; g++)
+                            p[(size_t)g * L + t0 + i] = dot(qh + (size_t)g * D, kf, D) * scale;
                     }
                 }
             }
             float inv[MAX_G > 1 ? MAX_G : 1];
             for (int g = 0; g < G; g++) {
-                float *pg = p + (size_t)g * L, mx = -INFINITY, sum = 0.f;
+                float *pg = p + (size_t)g * L, mx = -INFINITY;
                 for (int t = 0; t < L; t++) mx = pg[t] > mx ? pg[t] : mx;
-                for (int t = 0; t < L; t++) {
-                    pg[t] = expf(pg[t] - mx);
-                    sum += pg[t];
-                }
+                const float sum = exp_shift_sum(pg, L, mx);
                 if (g < MAX_G) inv[g] = 1.f / sum;
                 if (!fast) {  /* generic head dims: one query at a time, in memory */
                     float *o = oh + (size_t)g * D;
                     for (int i = 0; i < D; i++) o[i] = 0.f;
                     for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
                         const int n = L - t0 < bs ? L - t0 : bs;
-                        const float *vb = vc + ((size_t)tab[b] * bs * Hkv + h) * D;
+                        const size_t vb = ((size_t)tab[b] * bs * Hkv + h) * D;
                         for (int i = 0; i < n; i++)
-                            for (int d = 0; d < D; d++) o[d] += pg[t0 + i] * vb[(size_t)i * Hkv * D + d];
+                            for (int d = 0; d < D; d++) o[d] += pg[t0 + i] * load1(vc, vb + (size_t)i * Hkv * D + d, bf16);
                     }
                     for (int d = 0; d < D; d++) o[d] /= sum;
                 }
@@ -203,10 +216,11 @@ int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, i
                     for (int j = 0; j < nv; j++) acc[j] = (v16){0};
                     for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
                         const int n = L - t0 < bs ? L - t0 : bs;
-                        const float *vb = vc + ((size_t)tab[b] * bs * Hkv + h) * D;
+                        const size_t vb = ((size_t)tab[b] * bs * Hkv + h) * D;
                         for (int i = 0; i < n; i++) {
-                            const float *vv = vb + (size_t)i * Hkv * D, w = pg[t0 + i];
-                            for (int j = 0; j < nv; j++) acc[j] += w * *(const v16 *)(vv + 16 * j);
+                            const size_t vv = vb + (size_t)i * Hkv * D;
+                            const float w = pg[t0 + i];
+                            for (int j = 0; j < nv; j++) acc[j] += w * load16(vc, vv + 16 * j, bf16);
                         }
                     }
                     for (int j = 0; j < nv; j++) *(v16 *)(oh + (size_t)g * D + 16 * j) = acc[j] * inv[g];
@@ -234,10 +248,19 @@ typedef struct {
     const float *scale, *bias;
 } linear_t;
 
+/* A layer's attention on a cache the executor does not lay out itself (a KV codec: kivi):
+   given the step's rows after the qkv projection and RoPE (qkv [M, stride], q then k then v), it
+   stores k and v and writes the attention output [M, Hq, D]; `layer` is its descriptor, `step`
+   the codec's per-step plan. Returns 0 or an error code. */
+typedef int (*attend_fn)(const void *layer, const void *step, float *qkv, int M, long stride,
+                         const long *slots, const long *tables, int nblk, const long *lens, float *out);
+
 typedef struct {
     linear_t qkv, o, gate_up, down;
     const float *norm_in, *norm_post;
-    float *kc, *vc;          /* this layer's cache, [slots, Hkv, D] float32 */
+    void *kc, *vc;           /* this layer's cache, [slots, Hkv, D] (cache kind 0 or 1) */
+    long cache_kind;         /* 0: float32 pages, 1: bfloat16 pages, 2: the model's attend() on `attn` */
+    const void *attn;        /* kind 2: the codec's descriptor of this layer */
 } layer_t;
 
 typedef struct {
@@ -245,6 +268,9 @@ typedef struct {
     float eps, scale;        /* scale: the attention's, as the Python path passes it (D ** -0.5) */
     sgemm_fn sgemm;
     qgemm_fn qgemm;
+    attend_fn attend;        /* cache kind 2 */
+    long rope_q_only;        /* keys enter the cache before RoPE (kivi prerope): rotate q alone,
+                                rounded as torch rounds it (rope_unfused_f32) */
 } model_t;
 
 static void linear(const model_t *c, const linear_t *l, const float *x, int M, float *y) {
@@ -254,10 +280,11 @@ static void linear(const model_t *c, const linear_t *l, const float *x, int M, f
 
 /* x [M, H] is updated in place through layers[0..n); cos, sin_signed [M, D]; slots [M] where each
    row's K/V goes; row m attends to its first lens[m] tokens of tables[m, :nblk]; work holds
-   M * (4H + QKV + Q + 3I) floats. Returns 0, or -2 when attention could not allocate its scores. */
+   M * (4H + QKV + Q + 3I) floats; step: the codec's plan for kind-2 layers. Returns 0, -2 when
+   attention could not allocate its scores, or the attend function's error. */
 int decoder_layers_f32(float *x, int M, const model_t *c, const layer_t *layers, int n,
                         const float *cos, const float *sin_signed, const long *slots,
-                        const long *tables, int nblk, const long *lens, float *work) {
+                        const long *tables, int nblk, const long *lens, float *work, const void *step) {
     const long H = c->H, D = c->D, Q = c->Hq * D, KV = c->Hkv * D, QKV = Q + 2 * KV, I = c->I;
     float *h = work, *qkv = h + M * H, *attn = qkv + M * QKV, *o = attn + M * Q;
     float *x2 = o + M * H, *gu = x2 + M * H, *act = gu + M * 2 * I, *d = act + M * I;
@@ -265,17 +292,31 @@ int decoder_layers_f32(float *x, int M, const model_t *c, const layer_t *layers,
         const layer_t *L = layers + li;
         rmsnorm_f32(x, M, (int)H, L->norm_in, c->eps, h);
         linear(c, &L->qkv, h, M, qkv);
-        rope_f32(qkv, M, (int)(c->Hq + c->Hkv), (int)D, QKV, cos, sin_signed);
-        for (int m = 0; m < M; m++) {
-            const float *row = qkv + (size_t)m * QKV;
-            for (long i = 0; i < KV; i++) {
-                L->kc[slots[m] * KV + i] = row[Q + i];
-                L->vc[slots[m] * KV + i] = row[Q + KV + i];
+        if (c->rope_q_only) rope_unfused_f32(qkv, M, (int)c->Hq, (int)D, QKV, cos, sin_signed);
+        else rope_f32(qkv, M, (int)(c->Hq + c->Hkv), (int)D, QKV, cos, sin_signed);
+        if (L->cache_kind == 2) {
+            const int rc = c->attend(L->attn, step, qkv, M, QKV, slots, tables, nblk, lens, attn);
+            if (rc) return rc;
+        } else {
+            const int bf = L->cache_kind == 1;
+            for (int m = 0; m < M; m++) {
+                const float *row = qkv + (size_t)m * QKV;
+                const size_t at = (size_t)slots[m] * KV;
+                if (bf)
+                    for (long i = 0; i < KV; i++) {
+                        ((uint16_t *)L->kc)[at + i] = f2bf(row[Q + i]);
+                        ((uint16_t *)L->vc)[at + i] = f2bf(row[Q + KV + i]);
+                    }
+                else
+                    for (long i = 0; i < KV; i++) {
+                        ((float *)L->kc)[at + i] = row[Q + i];
+                        ((float *)L->vc)[at + i] = row[Q + KV + i];
+                    }
             }
+            if (paged_attention_f32(qkv, QKV, M, (int)c->Hq, (int)c->Hkv, (int)D, L->kc, L->vc, bf, tables,
+                                    nblk, lens, (int)c->bs, c->scale, attn))
+                return -2;
         }
-        if (paged_attention_f32(qkv, QKV, M, (int)c->Hq, (int)c->Hkv, (int)D, L->kc, L->vc, tables,
-                                nblk, lens, (int)c->bs, c->scale, attn))
-            return -2;
         linear(c, &L->o, attn, M, o);
         add_rmsnorm_f32(x, o, M, (int)H, L->norm_post, c->eps, x2, h);
         linear(c, &L->gate_up, h, M, gu);

@@ -21,8 +21,9 @@ _SIGNATURES = {
     "add_rmsnorm_f32": [_P, _P, _I, _I, _P, _F, _P, _P],
     "silu_mul_f32": [_P, _I, _I, _P],
     "rope_f32": [_P, _I, _I, _I, _L, _P, _P],
-    "paged_attention_f32": [_P, _L, _I, _I, _I, _I, _P, _P, _P, _I, _P, _I, _F, _P],
-    "decoder_layers_f32": [_P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _P, _P],
+    "rope_unfused_f32": [_P, _I, _I, _I, _L, _P, _P],
+    "paged_attention_f32": [_P, _L, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _I, _F, _P],
+    "decoder_layers_f32": [_P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _P, _P, _P],
 }
 _RETURNS = {"paged_attention_f32": ctypes.c_int, "decoder_layers_f32": ctypes.c_int}  # 0 or -2 (no memory)
 _lib = None
@@ -85,22 +86,36 @@ def rope_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin_sig
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     tables: torch.Tensor, lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """q [R, Hq, D] float32; k/v_cache [slots, Hkv, D] float32; tables [R, nblk] int64 block ids;
-    lens [R] int64: row r attends to its first lens[r] tokens -> [R, Hq, D]."""
+    """q [R, Hq, D] float32; k/v_cache [slots, Hkv, D] float32 or bfloat16 (both the same);
+    tables [R, nblk] int64 block ids; lens [R] int64: row r attends to its first lens[r] tokens
+    -> [R, Hq, D] float32."""
     q, tables, lens = q.contiguous(), tables.contiguous(), lens.contiguous()
-    if tables.dtype != torch.long or lens.dtype != torch.long or k_cache.dtype != torch.float32:
-        raise TypeError("paged_attention: int64 tables and lens, float32 caches")
+    if (tables.dtype != torch.long or lens.dtype != torch.long or k_cache.dtype != v_cache.dtype
+            or k_cache.dtype not in (torch.float32, torch.bfloat16) or q.dtype != torch.float32):
+        raise TypeError("paged_attention: float32 q, int64 tables and lens, float32 or bfloat16 caches "
+                        f"(got q {q.dtype}, caches {k_cache.dtype}/{v_cache.dtype}, tables {tables.dtype}, "
+                        f"lens {lens.dtype})")
     R, Hq, D = q.shape
     out = torch.empty_like(q)
     _check(_lib.paged_attention_f32(q.data_ptr(), Hq * D, R, Hq, k_cache.shape[1], D, k_cache.data_ptr(),
-                                    v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
+                                    v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+                                    tables.data_ptr(), tables.shape[1], lens.data_ptr(),
                                     block_size, D ** -0.5, out.data_ptr()))
     return out
 
 
+def rope_unfused_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
+    """rope_ rounded as RotaryEmbedding.apply rounds it in torch (no fused multiply-add), in place."""
+    assert x.stride(1) == 1 and cos.is_contiguous() and sin_signed.is_contiguous()
+    _lib.rope_unfused_f32(x.data_ptr(), x.shape[0], heads, head_dim, x.stride(0), cos.data_ptr(),
+                          sin_signed.data_ptr())
+
+
 def _check(rc: int) -> None:
-    if rc:
+    if rc == -2:
         raise MemoryError("native attention could not allocate its score buffer")
+    if rc:
+        raise RuntimeError(f"native decoder layers failed (code {rc})")
 
 
 def decoder_layers(*args) -> None:
