@@ -109,7 +109,7 @@ class _KiviLayer(ctypes.Structure):
 
 
 class _KiviStep(ctypes.Structure):
-    _fields_ = [("res_at", _P)]
+    _fields_ = [("res_at", _P), ("n_full", _L), ("full_blocks", _P), ("flush_src", _P)]
 
 
 def executor_supports(codec, num_heads: int) -> bool:
@@ -150,14 +150,23 @@ def step_address() -> int:
     return ctypes.cast(_lib()["kivi_layer_step"], _P).value
 
 
-def step_plan(codec, slots: torch.Tensor) -> tuple[_KiviStep, torch.Tensor] | None:
-    """This step's plan for the executor: each row's residual index; None when a block fills in
-    this step (its keys are quantized on the module path) or a row has no residual slot."""
+def step_plan(codec, slots: torch.Tensor) -> tuple[_KiviStep, list] | None:
+    """This step's plan for the executor, from the codec's write plan: each row's residual index
+    (-1: none), and for the blocks that fill, where each of their tokens' keys comes from (a row of
+    this step, or -1 - its residual index); None where the executor does not cover the step
+    (knorm keys of a filling block: their norms are left to torch)."""
     plan = codec._plan_for(slots)
-    if plan.full_blocks.numel() or plan.res_src.numel() != slots.numel():
+    n_full = plan.full_blocks.numel()
+    if n_full and codec.knorm:
         return None
     res_at = torch.full((slots.numel(),), -1, dtype=torch.int64)
     res_at[plan.res_src] = plan.res_dst
-    if bool((res_at < 0).any()):
-        return None
-    return _KiviStep(res_at.data_ptr()), res_at
+    keep = [res_at]
+    step = _KiviStep(res_at.data_ptr(), n_full, None, None)
+    if n_full:
+        # KiviCodec.write's key order: cat(old residual tokens, new rows).index_select(order)
+        src = torch.cat((-1 - plan.old_idx, plan.new_idx)).index_select(0, plan.order).contiguous()
+        blocks = plan.full_blocks.contiguous()
+        keep += [src, blocks]
+        step.full_blocks, step.flush_src = blocks.data_ptr(), src.data_ptr()
+    return step, keep

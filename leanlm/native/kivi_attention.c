@@ -208,7 +208,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
             float *sc = malloc(sizeof(float) * G * (L > 0 ? L : 1));
             float *vbuf = malloc(sizeof(float) * (size_t)bs * D);  /* one block's values */
             if (!sc || !vbuf) { free(sc); free(vbuf); err = 1; continue; }
-            float qs[MAXG][MAXD], c0[MAXG], buf[MAXD], acc[MAXG][MAXD], mx[MAXG], sum[MAXG];
+            float qs[MAXG][MAXD], c0[MAXG], buf[MAXD], acc[MAXG][MAXD], sum[MAXG];
             const float *qh = q + ((size_t)b * Hq + (size_t)h * G) * D;
             for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {   /* scores */
                 const int64_t block = tables[(size_t)b * nblk + blk], row = res_row[block];
@@ -279,7 +279,6 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
             for (int g = 0; g < G; g++) {                                 /* softmax */
                 float *sg = sc + (size_t)g * L;
                 const float m = max_of(sg, L);
-                mx[g] = m;
                 sum[g] = exp_shift_sum(sg, L, m);
                 for (int d = 0; d < D; d++) acc[g][d] = 0.f;
             }
@@ -449,6 +448,32 @@ void kivi_quant_values(const float *x, long T, long stride, int H, int D, int vg
             pack_row(q, bits, D, codes + head * PV);
         }
 }
+/* x [T, C] -> per column c over the T rows: asym_quantize(x, 0, bits[c]) with fp16 scale and
+   zero (kv/quantized.py), codes [T, C], scale / zero as float16 bits [C]. */
+static void quantize_channels(const float *x, int T, long C, const int *bits, uint8_t *codes,
+                              uint16_t *scales, uint16_t *zeros) {
+    for (long c = 0; c < C; c++) {
+        float lo = x[c], hi = x[c];
+        for (int t = 1; t < T; t++) {
+            const float v = x[(size_t)t * C + c];
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
+        }
+        const float qmax = (float)((1 << bits[c]) - 1);
+        const _Float16 z16 = f16_toward(lo, 0);
+        const float z = (float)z16;
+        double need = ((double)hi - (double)z) / qmax;
+        need = need < 0x1p-24 ? 0x1p-24 : need;
+        const _Float16 s16 = f16_toward(need, 1);
+        const float s = (float)s16;
+        for (int t = 0; t < T; t++) {
+            const float q = nearbyintf((x[(size_t)t * C + c] - z) / s);
+            codes[(size_t)t * C + c] = (uint8_t)(q < 0.f ? 0.f : q > qmax ? qmax : q);
+        }
+        memcpy(scales + c, &s16, 2);
+        memcpy(zeros + c, &z16, 2);
+    }
+}
 #pragma GCC pop_options
 
 /* One layer of a kivi cache, for kivi_layer_step (built by leanlm/native/kivi.py). */
@@ -456,7 +481,7 @@ typedef struct {
     long Hq, H, D, bs, kbits, vbits, vgroup, kbytes, res_bf16, rotate_qk;
     float vzunit, scale;
     const float *s8_table;          /* NULL: fp16 value scales */
-    const uint8_t *kc; const void *ks, *kz; const uint16_t *kn;
+    uint8_t *kc; void *ks, *kz; const uint16_t *kn;  /* written when a block fills */
     uint8_t *vc; void *vs, *vz;
     const int64_t *res_row; void *rk, *rv;
     const float *rope_cos, *rope_sin;   /* prerope, or NULL */
@@ -465,8 +490,57 @@ typedef struct {
 } kivi_layer_t;
 
 typedef struct {
-    const int64_t *res_at;          /* [M]: each row's flat residual index (row * bs + offset) */
+    const int64_t *res_at;          /* [M]: each row's flat residual index (row * bs + offset), or -1
+                                       for a row whose block fills in this step and leaves the residual */
+    long n_full;                    /* blocks that fill in this step: their keys are quantized */
+    const int64_t *full_blocks;     /* [n_full] */
+    const int64_t *flush_src;       /* [n_full, bs]: token t of block i is row src (>= 0) of this
+                                       step, or residual flat index -src - 1 (written earlier) */
 } kivi_step_t;
+
+/* The keys of the blocks that fill in this step, per channel over each block's tokens
+   (KiviCodec.write: asym_quantize over dim 1 with fp16 scale and zero, the bits of each channel
+   with kmix, pack_codes or kmix.pack), computed as torch computes them. Reads the residual rows
+   of those blocks, so it runs before this step's residual writes reuse them. */
+static int flush_keys(const kivi_layer_t *d, const kivi_step_t *st, const float *qkv, long stride, long Q) {
+    const int H = (int)d->H, D = (int)d->D, bs = (int)d->bs;
+    const long KV = (long)H * D;
+    const int P = d->kperm ? (int)d->kbytes : D * (int)d->kbits / 8;
+    float *keys = malloc(sizeof(float) * (size_t)bs * KV);
+    uint8_t *codes = malloc((size_t)bs * KV);
+    int *cbits = malloc(sizeof(int) * (size_t)KV);
+    if (!keys || !codes || !cbits) { free(keys); free(codes); free(cbits); return -2; }
+    for (long i = 0; i < KV; i++) cbits[i] = (int)d->kbits;
+    if (d->kperm)  /* kmix: channel perm[8j + i] of head h has the bits of its group j */
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < D / 8; j++)
+                for (int i = 0; i < 8; i++)
+                    cbits[(long)h * D + d->kperm[(long)h * D + 8 * j + i]] = d->kgbits[(long)h * (D / 8) + j];
+    for (long fb = 0; fb < st->n_full; fb++) {
+        const int64_t block = st->full_blocks[fb];
+        for (int t = 0; t < bs; t++) {
+            const int64_t src = st->flush_src[fb * bs + t];
+            if (src >= 0) memcpy(keys + (size_t)t * KV, qkv + src * stride + Q, sizeof(float) * KV);
+            else load_row(d->rk, (int)d->res_bf16, (size_t)(-src - 1) * KV, (int)KV, keys + (size_t)t * KV);
+        }
+        quantize_channels(keys, bs, KV, cbits, codes, (uint16_t *)d->ks + block * KV, (uint16_t *)d->kz + block * KV);
+        for (int t = 0; t < bs; t++)
+            for (int h = 0; h < H; h++) {
+                const uint8_t *q = codes + (size_t)t * KV + (size_t)h * D;
+                uint8_t *out = (uint8_t *)d->kc + (((size_t)block * bs + t) * H + h) * P;
+                if (!d->kperm) { pack_row(q, (int)d->kbits, D, out); continue; }
+                const int32_t *perm = d->kperm + (long)h * D;
+                for (int j = 0; j < D / 8; j++) {  /* kmix.pack: group j's 8 codes as a word of gbits[j] bytes */
+                    const int b = d->kgbits[(long)h * (D / 8) + j];
+                    uint64_t w = 0;
+                    for (int i = 0; i < 8; i++) w |= (uint64_t)q[perm[8 * j + i]] << (b * i);
+                    for (int k = 0; k < b; k++) *out++ = (uint8_t)(w >> (8 * k));
+                }
+            }
+    }
+    free(keys); free(codes); free(cbits);
+    return 0;
+}
 
 /* The attention of one layer for M decode rows whose tokens all go to residual rows (no block
    fills in this step: the key quantization of a full block stays on the module path):
@@ -483,9 +557,13 @@ int kivi_layer_step(const kivi_layer_t *d, const kivi_step_t *st, float *qkv, in
     }
     kivi_quant_values(qkv + Q + KV, M, stride, H, D, (int)d->vgroup, (int)d->vbits, d->s8_table, d->vzunit,
                       slots, d->vc, d->vs, d->vz);
+    if (st->n_full) {
+        const int rc = flush_keys(d, st, qkv, stride, Q);
+        if (rc) return rc;
+    }
     for (int m = 0; m < M; m++) {
         const int64_t at = st->res_at[m];
-        if (at < 0) return -3;
+        if (at < 0) continue;  /* its block filled: its key is in the codes now */
         const float *k = qkv + (size_t)m * stride + Q, *v = k + KV;
         if (d->res_bf16)
             for (long i = 0; i < KV; i++) {

@@ -148,13 +148,13 @@ class NativeLayers:
 
     def run(self, x: torch.Tensor, rope_tables, ctx, start: int, end: int) -> torch.Tensor | None:
         """x [M, hidden] through layers start..end-1 -> a new tensor (x is not modified); None
-        when this step is not one the executor covers (kivi: a block fills in it)."""
+        when this step is not one the executor covers (kivi knorm: a block fills in it)."""
         step = None
         if self.kivi:
             plan = native_kivi.step_plan(self.codec, ctx.slot_mapping)
             if plan is None:
                 return None
-            step, res_at = plan
+            step, _keep = plan  # (_keep: the tensors step points into, alive until the call returns)
         x = x.contiguous().clone()
         M = x.shape[0]
         cos, sin = rope_tables
