@@ -11,14 +11,13 @@ is a decode step, M = k+1 a speculative verification of k drafts. Median of --re
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from _timing import median_seconds
 from leanlm.native import gemm
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -26,13 +25,7 @@ HEAD = (49152, 576)
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs) * 1e3
+    return median_seconds(fn, repeats) * 1e3
 
 
 def main() -> None:
