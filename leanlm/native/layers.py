@@ -1,13 +1,14 @@
 """All decoder layers of a float32 Llama-family model in one native call (ops.c's
-decoder_layers_f32), for steps whose rows all attend row by row (decodes and chunks of up to
-FUSED_ROWS_MAX tokens on a plain float32 paged cache).
+decoder_layers_f32), for steps whose rows all attend row by row: decodes and chunks of up to
+FUSED_ROWS_MAX tokens on a plain float32 paged cache, decodes on a bfloat16 paged cache, and
+decodes on a kivi cache (each layer's attention through kivi_attention.c's kivi_layer_step).
 
 Why: with the matmuls on the packed kernels, a 135M-parameter decode step still spent ~5 ms in
 Python between them (module calls, wrappers, ~15 small calls per layer). Speculative decoding pays
 that once per draft token too, so it bounds how cheap a draft can be. The C loop calls the same
 functions in the same order as the modules (tests check the two paths bit for bit), so this is
-an executor, not another model: anything it does not cover (other weight methods, KV codecs,
-qk-norm, long prefill chunks, torch.compile) runs the module path.
+an executor, not another model: anything it does not cover (other weight methods, other KV
+codecs, qk-norm, long prefill chunks, torch.compile) runs the module path.
 
 The descriptors hold raw pointers to the weights and the cache. They are built once per (model,
 cache) and checked on every call against the modules and tensors the model holds now (one dict

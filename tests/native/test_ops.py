@@ -91,6 +91,24 @@ def test_paged_attention_matches_float64(Hq, Hkv, D):
         assert not torch.allclose(other[r], out[r])
 
 
+def test_paged_attention_on_bfloat16_pages_matches_float64():
+    """bfloat16 pages (the bf16 cache under float32 compute) are widened exactly as they are read:
+    the float64 reference on the same bf16 values agrees to float32 rounding."""
+    g = torch.Generator().manual_seed(7)
+    bs = 16
+    kc = torch.randn(40 * bs, 3, 64, generator=g).bfloat16()
+    vc = torch.randn(40 * bs, 3, 64, generator=g).bfloat16()
+    tables = torch.stack([torch.randperm(40, generator=g)[:5] for _ in range(4)])
+    lens = torch.tensor([1, 16, 33, 80])
+    q = torch.randn(4, 9, 64, generator=g)
+    out = ops.paged_attention(q, kc, vc, tables, lens, bs)
+    assert (out.double() - _paged_reference(q, kc, vc, tables, lens, bs)).abs().max() < 1e-5
+    # the same values in float32 pages give the same answer up to the sum order
+    assert (out - ops.paged_attention(q, kc.float(), vc.float(), tables, lens, bs)).abs().max() < 1e-5
+    with pytest.raises(TypeError, match="bfloat16"):
+        ops.paged_attention(q, kc, vc.float(), tables, lens, bs)  # mixed page dtypes
+
+
 def test_paged_attention_rows_do_not_depend_on_the_batch():
     g = torch.Generator().manual_seed(3)
     kc, vc = torch.randn(320, 3, 64, generator=g), torch.randn(320, 3, 64, generator=g)
