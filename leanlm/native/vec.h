@@ -19,6 +19,24 @@ static inline float hsum(v16 a) {
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+/* The lane sums of four vectors at once: {hsum(a), hsum(b), hsum(c), hsum(d)} up to the order
+   of the additions, with the shuffles shared (one reduction per query head and key was a long
+   dependency chain each). */
+static inline v4 hsum4(v16 a, v16 b, v16 c, v16 d) {
+#define HALVES(x) (__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) \
+                   + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15))
+    const v8 a8 = HALVES(a), b8 = HALVES(b), c8 = HALVES(c), d8 = HALVES(d);
+#undef HALVES
+    const v8 ab = __builtin_shufflevector(a8, b8, 0, 1, 2, 3, 8, 9, 10, 11)
+                + __builtin_shufflevector(a8, b8, 4, 5, 6, 7, 12, 13, 14, 15);  /* a 4 | b 4 */
+    const v8 cd = __builtin_shufflevector(c8, d8, 0, 1, 2, 3, 8, 9, 10, 11)
+                + __builtin_shufflevector(c8, d8, 4, 5, 6, 7, 12, 13, 14, 15);  /* c 4 | d 4 */
+    const v8 e = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13)
+               + __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);  /* a 2, c 2 | b 2, d 2 */
+    const v4 f = __builtin_shufflevector(e, e, 0, 2, 4, 6) + __builtin_shufflevector(e, e, 1, 3, 5, 7);
+    return __builtin_shufflevector(f, f, 0, 2, 1, 3);  /* f = a, c, b, d */
+}
+
 /* exp(x) for 16 floats: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its degree-6 Taylor polynomial
    (relative error < 2e-7 on that range), 2^n built in the exponent bits. libm's expf is scalar
    here (GCC vectorises it only under -ffast-math): it made SiLU ~8% of a 512-token prefill, and
