@@ -87,8 +87,9 @@ class PlainCodec(KVCodec):
         self.v = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
         # float32 compute on the CPU over float32 or bfloat16 pages: attention straight from the
         # pages (leanlm/native/ops.c), no gather, transposes or SDPA setup per layer
-        self.fused_decode = (storage in (torch.float32, torch.bfloat16) and dtype == torch.float32
-                             and torch.device(device).type == "cpu" and native_ops.available())
+        self.fused_decode = ((storage == torch.float32 or storage == torch.bfloat16 and head_dim <= 256)
+                             and dtype == torch.float32 and torch.device(device).type == "cpu"
+                             and native_ops.available())
 
     def tensors(self) -> list[torch.Tensor]:
         return self.k + self.v

@@ -19,6 +19,7 @@ _SIGNATURES = {
     "kivi_layer_step": ([_P, _P, _P, _I, _L, _P, _P, _I, _P, _P], _I),
 }
 _fns: dict | None = None
+MAX_HEAD_DIM, MAX_GROUP = 256, 16  # kivi_attention.c's MAXD and MAXG
 _S8 = S8_TABLE.contiguous()  # one table for every call: descriptors hold its address
 
 
@@ -115,8 +116,11 @@ class _KiviStep(ctypes.Structure):
 def executor_supports(codec, num_heads: int) -> bool:
     """Whether the executor can run this codec's decode steps (float32 compute on the CPU, keys
     per channel: not ktok)."""
+    # the sizes kivi_decode_attention handles (MAXD, MAXG): past them it returns -1, which the
+    # module path answers with the torch read path but the executor could not undo mid-step
     return (_lib() is not None and codec.device.type == "cpu" and codec.dtype == torch.float32
-            and not codec.ktoken and num_heads % codec.num_kv_heads == 0)
+            and not codec.ktoken and num_heads % codec.num_kv_heads == 0
+            and codec.head_dim <= MAX_HEAD_DIM and num_heads // codec.num_kv_heads <= MAX_GROUP)
 
 
 def layer_descriptors(codec, num_heads: int) -> tuple[list[_KiviLayer], list]:

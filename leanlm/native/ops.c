@@ -151,6 +151,7 @@ int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, i
                         const long *lens, int bs, float scale, float *out) {
     const int G = Hq / Hkv;
     const int fast = D % 16 == 0 && D <= 16 * MAX_DV && G <= MAX_G;
+    if (bf16 && D > 16 * MAX_DV) return -1;  /* a bf16 key row is widened into a 256-float buffer */
     int err = 0;
     #pragma omp parallel for schedule(dynamic, 1) collapse(2) if ((long)R * Hkv >= 2)
     for (int r = 0; r < R; r++)
@@ -184,7 +185,7 @@ int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, i
                             p[(size_t)g * L + t0 + i] = dot(qh + (size_t)g * D, (const float *)kc + kv, D) * scale;
                     } else {
                         float kf[16 * MAX_DV];
-                        for (int d = 0; d < D && d < 16 * MAX_DV; d++) kf[d] = load1(kc, kv + d, 1);
+                        for (int d = 0; d < D; d++) kf[d] = load1(kc, kv + d, 1);
                         for (int g = 0; g < G; g++)
                             p[(size_t)g * L + t0 + i] = dot(qh + (size_t)g * D, kf, D) * scale;
                     }

@@ -112,6 +112,8 @@ def rope_unfused_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor,
 
 
 def _check(rc: int) -> None:
+    if rc == -1:
+        raise ValueError("native attention does not handle this head size (bfloat16 pages: head_dim <= 256)")
     if rc == -2:
         raise MemoryError("native attention could not allocate its score buffer")
     if rc:

@@ -114,3 +114,16 @@ def test_unfused_rope_rounds_as_torch():
     got = x.clone().view(4, 9 * 64)
     ops.rope_unfused_(got, 9, 64, cos.reshape(4, 64).contiguous(), sin.reshape(4, 64).contiguous())
     assert torch.equal(got.view(4, 9, 64), ref)
+
+
+def test_executor_declines_sizes_the_kernel_refuses():
+    """kivi_decode_attention returns -1 past MAXD / MAXG; the module path then reads through
+    torch, but the executor could not undo a half-done step, so it must not take such a codec."""
+    from leanlm.kv.quantized import KiviCodec
+
+    def codec(head_dim, kv_heads):
+        return KiviCodec(1, 2, 16, kv_heads, head_dim, torch.float32, "cpu", bits=4, max_partial=1)
+
+    assert native_kivi.executor_supports(codec(64, 3), 9)
+    assert not native_kivi.executor_supports(codec(512, 1), 4)   # head_dim > 256
+    assert not native_kivi.executor_supports(codec(64, 1), 32)   # 32 query heads per KV head > 16

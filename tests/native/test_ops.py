@@ -107,6 +107,10 @@ def test_paged_attention_on_bfloat16_pages_matches_float64():
     assert (out - ops.paged_attention(q, kc.float(), vc.float(), tables, lens, bs)).abs().max() < 1e-5
     with pytest.raises(TypeError, match="bfloat16"):
         ops.paged_attention(q, kc, vc.float(), tables, lens, bs)  # mixed page dtypes
+    big = torch.zeros(16, 1, 320, dtype=torch.bfloat16)  # wider than the kernel's 256-float row buffer
+    with pytest.raises(ValueError, match="head_dim <= 256"):
+        ops.paged_attention(torch.randn(1, 1, 320), big, big, torch.zeros(1, 1, dtype=torch.long),
+                            torch.ones(1, dtype=torch.long), 16)
 
 
 def test_paged_attention_rows_do_not_depend_on_the_batch():
