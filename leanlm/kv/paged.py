@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from leanlm.kv.blocks import BlockManager, BlockTable
 from leanlm.kv.cache import KVCache, SeqSlice, decode_attention, decode_mask, prefill_mask
 from leanlm.kv.codecs import KVCodec
+from leanlm.native import kivi as native_kivi
 
 
 @dataclass
@@ -289,8 +290,6 @@ class PagedKVCache(KVCache):
 def _rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """x [..., D] @ rot, on the C function the native whole-layer executor uses when x is float32
     on the CPU (so a token's stored K/V do not depend on which path its step took), else torch."""
-    from leanlm.native import kivi as native_kivi
-
     return native_kivi.rotate(x, rot) if native_kivi.native_f32(x) else x @ rot
 
 

@@ -43,7 +43,6 @@ static inline void scale_zero(const void *s, const void *z, size_t i, const floa
 
 /* 16 codes of B bits (2B bytes, code i at bit B*i of the little-endian word, as pack_codes lays
    them out) -> 16 floats: the word's two halves broadcast to 8 lanes each, shifted per lane. */
-typedef uint32_t u32v16 __attribute__((vector_size(64)));
 
 /* n <= 8 little-endian bytes as a word, from whole loads of 4, 2 and 1 bytes: a memcpy of an odd
    size into a zeroed word went through the stack (two narrow stores, one wide reload: a
@@ -62,8 +61,8 @@ static inline uint64_t load_le(const uint8_t *p, int n) {
     static inline v16 codes16_##B(const uint8_t *p) {                                           \
         const uint64_t w = load_le(p, 2 * B);                                                   \
         const uint32_t lo = (uint32_t)(w & ((1ull << (8 * B)) - 1)), hi = (uint32_t)(w >> (8 * B)); \
-        const u32v16 v = (u32v16){lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi}  \
-            >> (u32v16){0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B,                         \
+        const u32x16 v = (u32x16){lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi}  \
+            >> (u32x16){0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B,                         \
                         0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};                        \
         return __builtin_convertvector(v & ((1u << B) - 1), v16);                               \
     }
@@ -367,13 +366,6 @@ void kivi_rotate_f32(float *x, long M, long stride, int H, int D, const float *R
         }
 }
 
-static inline uint16_t f2bf(float f) {  /* round to nearest even, as torch's .to(torch.bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 /* the float16 next to h toward +inf (up) or -inf, as torch.nextafter */
 static inline _Float16 f16_next(_Float16 h, int up) {
     uint16_t u;
@@ -414,6 +406,26 @@ static inline void pack_row(const uint8_t *q, int bits, int D, uint8_t *p) {
    functions (double where they use double, no fused multiply-add), so the codes are theirs. */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
+/* asym_quantize with fp16 scale and zero (kv/quantized.py) of the n values x[0], x[stride], ...
+   whose min and max are lo, hi: codes to q[0], q[stride], ..., the scale's and zero's float16
+   bits to *s, *z. The zero is the min rounded down to fp16, the scale the range over qmax rounded
+   up (at least 2^-24), as torch computes them (double where it uses double). */
+static void asym_f16(const float *x, int n, long stride, float lo, float hi, int qmax, uint8_t *q,
+                     uint16_t *s, uint16_t *z) {
+    const _Float16 z16 = f16_toward(lo, 0);
+    const float zf = (float)z16;
+    double need = ((double)hi - (double)zf) / qmax;
+    need = need < 0x1p-24 ? 0x1p-24 : need;
+    const _Float16 s16 = f16_toward(need, 1);
+    const float sf = (float)s16;
+    for (int i = 0; i < n; i++) {
+        const float c = nearbyintf((x[(size_t)i * stride] - zf) / sf);
+        q[(size_t)i * stride] = (uint8_t)(c < 0.f ? 0.f : c > qmax ? qmax : c);
+    }
+    memcpy(s, &s16, 2);
+    memcpy(z, &z16, 2);
+}
+
 void kivi_quant_values(const float *x, long T, long stride, int H, int D, int vgroup, int bits,
                        const float *s8_table, float zunit, const int64_t *slots,
                        uint8_t *codes, void *scales, void *zeros) {
@@ -444,20 +456,9 @@ void kivi_quant_values(const float *x, long T, long stride, int H, int D, int vg
                     }
                     ((uint8_t *)scales)[at] = (uint8_t)sc;
                     ((int8_t *)zeros)[at] = (int8_t)zd;
-                } else {
-                    const _Float16 z16 = f16_toward(lo, 0);
-                    const float z = (float)z16;
-                    double need = ((double)hi - (double)z) / qmax;
-                    need = need < 0x1p-24 ? 0x1p-24 : need;
-                    const _Float16 s16 = f16_toward(need, 1);
-                    const float s = (float)s16;
-                    for (int i = 0; i < vgroup; i++) {
-                        float c = nearbyintf((xg[i] - z) / s);
-                        q[g * vgroup + i] = (uint8_t)(c < 0.f ? 0.f : c > qmax ? qmax : c);
-                    }
-                    memcpy((uint16_t *)scales + at, &s16, 2);
-                    memcpy((uint16_t *)zeros + at, &z16, 2);
-                }
+                } else
+                    asym_f16(xg, vgroup, 1, lo, hi, qmax, q + g * vgroup, (uint16_t *)scales + at,
+                             (uint16_t *)zeros + at);
             }
             pack_row(q, bits, D, codes + head * PV);
         }
@@ -473,19 +474,7 @@ static void quantize_channels(const float *x, int T, long C, const int *bits, ui
             lo = v < lo ? v : lo;
             hi = v > hi ? v : hi;
         }
-        const float qmax = (float)((1 << bits[c]) - 1);
-        const _Float16 z16 = f16_toward(lo, 0);
-        const float z = (float)z16;
-        double need = ((double)hi - (double)z) / qmax;
-        need = need < 0x1p-24 ? 0x1p-24 : need;
-        const _Float16 s16 = f16_toward(need, 1);
-        const float s = (float)s16;
-        for (int t = 0; t < T; t++) {
-            const float q = nearbyintf((x[(size_t)t * C + c] - z) / s);
-            codes[(size_t)t * C + c] = (uint8_t)(q < 0.f ? 0.f : q > qmax ? qmax : q);
-        }
-        memcpy(scales + c, &s16, 2);
-        memcpy(zeros + c, &z16, 2);
+        asym_f16(x + c, T, C, lo, hi, (1 << bits[c]) - 1, codes + c, scales + c, zeros + c);
     }
 }
 #pragma GCC pop_options

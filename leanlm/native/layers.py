@@ -24,6 +24,8 @@ import weakref
 
 import torch
 
+from leanlm.kv.codecs import PlainCodec
+from leanlm.kv.quantized import KiviCodec
 from leanlm.native import gemm, ops, qgemm
 from leanlm.native import kivi as native_kivi
 
@@ -171,9 +173,6 @@ class NativeLayers:
 
 def _cache_kind(codec, num_heads: int) -> int | None:
     """How the executor reaches this codec's storage, or None when it cannot."""
-    from leanlm.kv.codecs import PlainCodec
-    from leanlm.kv.quantized import KiviCodec
-
     if type(codec) is PlainCodec and codec.rotation is None and codec.dtype == torch.float32:
         if codec.k[0].dtype == torch.bfloat16 and codec.head_dim > 256:  # ops.c widens bf16 rows in 256 floats
             return None
@@ -187,7 +186,4 @@ def applicable(cache, ctx) -> bool:
     """Whether this step can run on the native layers (the cache side; the model side is
     NativeLayers.ok): every row attends row by row (row_tables: decodes, and short chunks on an
     exact codec) and the codec is one _cache_kind knows."""
-    from leanlm.kv.codecs import PlainCodec
-    from leanlm.kv.quantized import KiviCodec
-
     return getattr(ctx, "row_tables", None) is not None and type(cache.codec) in (PlainCodec, KiviCodec)

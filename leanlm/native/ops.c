@@ -111,16 +111,7 @@ void rope_unfused_f32(float *x, int M, int H, int D, long row_stride, const floa
 }
 #pragma GCC pop_options
 
-/* float32 -> bfloat16, round to nearest even (torch's conversion; NaN stays a quiet NaN) */
-static inline uint16_t f2bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 /* 16 cache values from float32 pages, or from bfloat16 pages widened exactly (bits << 16) */
 static inline v16 load16(const void *base, size_t i, int bf16) {

@@ -1,15 +1,26 @@
-/* Vector helpers shared by the native kernels (included by ops.c and kivi_attention.c; the build
-   cache key covers this header, see native/__init__.py): GCC vector types, a fixed-order lane
-   sum, and exp for 16 floats at a time. */
+/* Helpers shared by the native kernels (included by ops.c and kivi_attention.c; the build cache
+   key covers this header, see native/__init__.py): GCC vector types, bfloat16 rounding, a
+   fixed-order lane sum, and exp for 16 floats at a time. */
 #ifndef LEANLM_VEC_H
 #define LEANLM_VEC_H
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 typedef int v16i __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+/* float32 -> bfloat16, round to nearest even (torch's .to(torch.bfloat16); NaN stays a quiet NaN) */
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
 /* The 16 lanes summed as a fixed tree (8 + 8, 4 + 4, ...): short dependency chains. */
 static inline float hsum(v16 a) {
