@@ -27,7 +27,10 @@ import torch  # noqa: F401  (loads torch's libgomp first: the kernels then bind 
 
 log = logging.getLogger("leanlm")
 SOURCE_DIR = Path(__file__).parent
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+CFLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# The instruction set: this CPU's (native) unless LEANLM_NATIVE_MARCH names another GCC -march,
+# e.g. x86-64-v3 (AVX2 + FMA), which the tests use to run the AVX2 code paths on an AVX-512 CPU.
+MARCH_ENV = "LEANLM_NATIVE_MARCH"
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
@@ -51,6 +54,10 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+def cflags() -> list[str]:
+    return [*CFLAGS, f"-march={os.environ.get(MARCH_ENV, '').strip() or 'native'}"]
+
+
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
@@ -65,7 +72,8 @@ def build(name: str) -> Path:
     src = b"\0".join([(SOURCE_DIR / f"{name}.c").read_bytes()]
                       + [h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h"))])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256(b"\0".join([src, " ".join(CFLAGS).encode(), version.encode(),
+    flags = cflags()
+    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(),
                                      platform.machine().encode(), _cpu_signature().encode()]))
     out_dir = _cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,10 +87,12 @@ def build(name: str) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            r = subprocess.run([cc, *CFLAGS, str(SOURCE_DIR / f"{name}.c"), "-o", tmp],
+            r = subprocess.run([cc, *flags, str(SOURCE_DIR / f"{name}.c"), "-o", tmp],
                                capture_output=True, text=True)
             if r.returncode != 0:
-                raise RuntimeError(f"{cc} failed to build {name}.c:\n{r.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{cc} failed to build {name}.c with {' '.join(flags[-1:])}"
+                                   f"{f' (from ${MARCH_ENV})' if os.environ.get(MARCH_ENV, '').strip() else ''}:\n"
+                                   f"{r.stderr.strip()[-2000:]}")
             os.replace(tmp, lib)  # atomic: a reader never sees a half-written library
         finally:
             if os.path.exists(tmp):

@@ -23,7 +23,7 @@ together, so each code is unpacked once per KV head. Parallel over (sequence, KV
 
 #include "vec.h"
 
-typedef _Float16 h16 __attribute__((vector_size(32), aligned(2)));
+typedef _Float16 hvf __attribute__((vector_size(VW * 2), aligned(2)));  /* VW fp16 values */
 
 static inline float h2f(uint16_t h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
 static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -57,25 +57,34 @@ static inline uint64_t load_le(const uint8_t *p, int n) {
     return w;
 }
 
-#define CODES16(B)                                                                              \
-    static inline v16 codes16_##B(const uint8_t *p) {                                           \
+#if VW == 16
+#define CODES(B)                                                                                \
+    static inline vf codes_##B(const uint8_t *p) {                                              \
         const uint64_t w = load_le(p, 2 * B);                                                   \
         const uint32_t lo = (uint32_t)(w & ((1ull << (8 * B)) - 1)), hi = (uint32_t)(w >> (8 * B)); \
         const u32x16 v = (u32x16){lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi}  \
             >> (u32x16){0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B,                         \
                         0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};                        \
-        return __builtin_convertvector(v & ((1u << B) - 1), v16);                               \
+        return __builtin_convertvector(v & ((1u << B) - 1), vf);                                \
     }
-CODES16(2)
-CODES16(3)
-CODES16(4)
+#else  /* 8 codes of B bits: one B-byte word broadcast to 8 lanes, shifted per lane */
+#define CODES(B)                                                                                \
+    static inline vf codes_##B(const uint8_t *p) {                                              \
+        const uint32_t w = (uint32_t)load_le(p, B);                                             \
+        const u32xvf v = (u32xvf){w, w, w, w, w, w, w, w} >> (u32xvf){0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B}; \
+        return __builtin_convertvector(v & ((1u << B) - 1), vf);                                \
+    }
+#endif
+CODES(2)
+CODES(3)
+CODES(4)
 
 /* packed codes of one token and head -> D floats (layouts of pack_codes in kv/quantized.py) */
 static inline void unpack(const uint8_t *p, int bits, int D, float *out) {
-    if (D % 16 == 0 && bits >= 2 && bits <= 4) {  /* 16 codes at a time */
-        for (int c = 0; c < D / 16; c++) {
-            const uint8_t *pc = p + 2 * bits * c;
-            *(v16 *)(out + 16 * c) = bits == 4 ? codes16_4(pc) : bits == 3 ? codes16_3(pc) : codes16_2(pc);
+    if (D % 16 == 0 && bits >= 2 && bits <= 4) {  /* VW codes (VW * bits / 8 bytes) at a time */
+        for (int c = 0; c < D / VW; c++) {
+            const uint8_t *pc = p + VW * bits / 8 * c;
+            *(vf *)(out + VW * c) = bits == 4 ? codes_4(pc) : bits == 3 ? codes_3(pc) : codes_2(pc);
         }
         return;
     }
@@ -131,19 +140,16 @@ static inline void load_row(const void *base, int bf16, size_t idx, int D, float
 #define MAXG 16
 
 
-/* sum of a[d] * b[d] in a fixed order: 16 lanes, then a tree over the lanes. A plain scalar loop
+/* sum of a[d] * b[d] in a fixed order: VW lanes, then a tree over the lanes. A plain scalar loop
    is one dependent FMA at a time (the compiler may not reorder a float sum), which made the score
    pass latency-bound: ~4 cycles per element instead of ~1/16. */
 static inline float dot(const float *a, const float *b, int n) {
     int i = 0;
     float s = 0.f;
-    if (n >= 16) {
-        v16 acc = {0};
-        for (; i + 16 <= n; i += 16) acc += *(const v16 *)(a + i) * *(const v16 *)(b + i);
-        v8 h = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7)
-             + __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
-        v4 c = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-        s = (c[0] + c[2]) + (c[1] + c[3]);
+    if (n >= VW) {
+        vf acc = {0};
+        for (; i + VW <= n; i += VW) acc += *(const vf *)(a + i) * *(const vf *)(b + i);
+        s = hsum_vf(acc);
     }
     for (; i < n; i++) s += a[i] * b[i];
     return s;
@@ -159,17 +165,17 @@ static inline void rope_row(float *x, const float *cos, const float *sin, int D)
     memcpy(x, tmp, sizeof(float) * D);
 }
 
-/* the largest of p[0..L) (16 lanes, then the tail) */
+/* the largest of p[0..L) (VW lanes, then the tail) */
 static inline float max_of(const float *p, int64_t L) {
     float m = -INFINITY;
     int64_t t = 0;
-    if (L >= 16) {
-        v16 a = *(const v16 *)p;
-        for (t = 16; t + 16 <= L; t += 16) {
-            const v16 x = *(const v16 *)(p + t);
-            a = (v16)(((v16i)x & (x > a)) | ((v16i)a & ~(x > a)));
+    if (L >= VW) {
+        vf a = *(const vf *)p;
+        for (t = VW; t + VW <= L; t += VW) {
+            const vf x = *(const vf *)(p + t);
+            a = (vf)(((vfi)x & (x > a)) | ((vfi)a & ~(x > a)));
         }
-        for (int l = 0; l < 16; l++) m = a[l] > m ? a[l] : m;
+        for (int l = 0; l < VW; l++) m = a[l] > m ? a[l] : m;
     }
     for (; t < L; t++) m = p[t] > m ? p[t] : m;
     return m;
@@ -226,37 +232,40 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 }
                 const size_t kbase = ((size_t)block * H + h) * D;
                 float s_c[MAXD], z_c[MAXD];
-                if (D % 16 == 0)  /* 16 fp16 -> float at a time (one scalar conversion each was
+                if (D % 16 == 0)  /* VW fp16 -> float at a time (one scalar conversion each was
                                      a dependency chain through one register: 8% of the kernel) */
-                    for (int d = 0; d < D; d += 16) {
-                        *(v16 *)(s_c + d) = __builtin_convertvector(*(const h16 *)((const uint16_t *)ks + kbase + d), v16);
-                        *(v16 *)(z_c + d) = __builtin_convertvector(*(const h16 *)((const uint16_t *)kz + kbase + d), v16);
+                    for (int d = 0; d < D; d += VW) {
+                        *(vf *)(s_c + d) = __builtin_convertvector(*(const hvf *)((const uint16_t *)ks + kbase + d), vf);
+                        *(vf *)(z_c + d) = __builtin_convertvector(*(const hvf *)((const uint16_t *)kz + kbase + d), vf);
                     }
                 else
                     for (int d = 0; d < D; d++) scale_zero(ks, kz, kbase + d, NULL, 0.f, &s_c[d], &z_c[d]);
-                if (rope_cos && D == 64) {  /* as below, in registers: 4 lanes of 16 per row */
-                    const v16 s0 = *(v16 *)s_c, s1 = *(v16 *)(s_c + 16), s2 = *(v16 *)(s_c + 32), s3 = *(v16 *)(s_c + 48);
-                    const v16 z0 = *(v16 *)z_c, z1 = *(v16 *)(z_c + 16), z2 = *(v16 *)(z_c + 32), z3 = *(v16 *)(z_c + 48);
+                if (rope_cos && D == 64) {  /* as below, in registers: NV vectors of VW per row */
+                    enum { NV = 64 / VW };
+                    vf sv[NV], zv[NV];
+                    for (int j = 0; j < NV; j++) sv[j] = *(vf *)(s_c + VW * j), zv[j] = *(vf *)(z_c + VW * j);
                     for (int t = 0; t < nt; t++) {
                         const size_t tok = ((size_t)block * bs + t) * H + h;
                         unpack_key(kc + tok * P, kbits, hperm, hgbits, D, buf);
-                        const v16 x0 = *(v16 *)buf * s0 + z0, x1 = *(v16 *)(buf + 16) * s1 + z1,
-                                  x2 = *(v16 *)(buf + 32) * s2 + z2, x3 = *(v16 *)(buf + 48) * s3 + z3;
+                        vf x[NV], r[NV];
+                        for (int j = 0; j < NV; j++) x[j] = *(vf *)(buf + VW * j) * sv[j] + zv[j];
                         const float *c = rope_cos + (size_t)(t0 + t) * 64, *sn = rope_sin + (size_t)(t0 + t) * 64;
                         /* rope_row: first half x1 cos + x2 sin, second half x2 cos + x1 sin (sin signed) */
-                        const v16 r0 = x0 * *(const v16 *)c + x2 * *(const v16 *)sn,
-                                  r1 = x1 * *(const v16 *)(c + 16) + x3 * *(const v16 *)(sn + 16),
-                                  r2 = x2 * *(const v16 *)(c + 32) + x0 * *(const v16 *)(sn + 32),
-                                  r3 = x3 * *(const v16 *)(c + 48) + x1 * *(const v16 *)(sn + 48);
-                        v16 a[4] = {{0}};  /* up to 4 query heads' products, summed together */
+                        for (int j = 0; j < NV; j++)
+                            r[j] = x[j] * *(const vf *)(c + VW * j) + x[(j + NV / 2) % NV] * *(const vf *)(sn + VW * j);
+                        vf a[4] = {{0}};  /* up to 4 query heads' products, summed together */
                         for (int g0 = 0; g0 < G; g0 += 4) {
                             const int ng4 = G - g0 < 4 ? G - g0 : 4;
                             for (int i = 0; i < ng4; i++) {
                                 const float *qg = qh + (g0 + i) * 64;
-                                a[i] = r0 * *(const v16 *)qg + r1 * *(const v16 *)(qg + 16)
-                                     + r2 * *(const v16 *)(qg + 32) + r3 * *(const v16 *)(qg + 48);
+                                a[i] = r[0] * *(const vf *)qg;
+                                for (int j = 1; j < NV; j++) a[i] += r[j] * *(const vf *)(qg + VW * j);
                             }
+#if VW == 16
                             const v4 sums = hsum4(a[0], a[1], a[2], a[3]) * scale;
+#else
+                            const v4 sums = (v4){hsum_vf(a[0]), hsum_vf(a[1]), hsum_vf(a[2]), hsum_vf(a[3])} * scale;
+#endif
                             for (int i = 0; i < ng4; i++) sc[(size_t)(g0 + i) * L + t0 + t] = sums[i];
                         }
                     }
@@ -316,17 +325,14 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 for (int g = 0; g < G; g++) {
                     const float *pg = sc + (size_t)g * L + t0;
                     if (D == 64) {
-                        v16 a0 = *(v16 *)acc[g], a1 = *(v16 *)(acc[g] + 16), a2 = *(v16 *)(acc[g] + 32),
-                            a3 = *(v16 *)(acc[g] + 48);
+                        enum { NV = 64 / VW };
+                        vf a[NV];
+                        for (int j = 0; j < NV; j++) a[j] = *(vf *)(acc[g] + VW * j);
                         for (int t = 0; t < nt; t++) {
                             const float *vt = vbuf + (size_t)t * 64, w = pg[t];
-                            a0 += w * *(const v16 *)vt;
-                            a1 += w * *(const v16 *)(vt + 16);
-                            a2 += w * *(const v16 *)(vt + 32);
-                            a3 += w * *(const v16 *)(vt + 48);
+                            for (int j = 0; j < NV; j++) a[j] += w * *(const vf *)(vt + VW * j);
                         }
-                        *(v16 *)acc[g] = a0; *(v16 *)(acc[g] + 16) = a1;
-                        *(v16 *)(acc[g] + 32) = a2; *(v16 *)(acc[g] + 48) = a3;
+                        for (int j = 0; j < NV; j++) *(vf *)(acc[g] + VW * j) = a[j];
                     } else
                         for (int t = 0; t < nt; t++)
                             for (int d = 0; d < D; d++) acc[g][d] += pg[t] * vbuf[(size_t)t * D + d];

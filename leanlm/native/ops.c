@@ -17,19 +17,19 @@ single-token steps bit for bit, as with the matmuls). */
 
 #include "vec.h"
 
-/* Sum of a[i] * b[i] in a fixed order: 16 lanes, then the lanes in order (the compiler may not
+/* Sum of a[i] * b[i] in a fixed order: VW lanes, then the lanes in order (the compiler may not
    reorder a scalar float sum itself, which would leave it one FMA at a time). Loads go through
    the (4-byte aligned) vector type: a memcpy into a v16 compiled to two 32-byte stores and a
    64-byte reload, a store-forwarding stall that made attention 10x slower. */
 static inline float dot(const float *a, const float *b, int n) {
     int i = 0;
     float s = 0.f;
-    if (n >= 16) {
-        v16 acc = {0};
-        for (; i + 16 <= n; i += 16) {
-            acc += *(const v16 *)(a + i) * *(const v16 *)(b + i);
+    if (n >= VW) {
+        vf acc = {0};
+        for (; i + VW <= n; i += VW) {
+            acc += *(const vf *)(a + i) * *(const vf *)(b + i);
         }
-        for (int l = 0; l < 16; l++) s += acc[l];
+        for (int l = 0; l < VW; l++) s += acc[l];
     }
     for (; i < n; i++) s += a[i] * b[i];
     return s;
@@ -67,9 +67,9 @@ void silu_mul_f32(const float *gu, int M, int I, float *out) {
         const float *g = gu + (size_t)m * 2 * I, *u = g + I;
         float *o = out + (size_t)m * I;
         int i = 0;
-        for (; i + 16 <= I; i += 16) {
-            const v16 gv = *(const v16 *)(g + i);
-            *(v16 *)(o + i) = gv / (1.f + exp16(-gv)) * *(const v16 *)(u + i);
+        for (; i + VW <= I; i += VW) {
+            const vf gv = *(const vf *)(g + i);
+            *(vf *)(o + i) = gv / (1.f + exp_vf(-gv)) * *(const vf *)(u + i);
         }
         for (; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
@@ -111,13 +111,11 @@ void rope_unfused_f32(float *x, int M, int H, int D, long row_stride, const floa
 }
 #pragma GCC pop_options
 
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-
-/* 16 cache values from float32 pages, or from bfloat16 pages widened exactly (bits << 16) */
-static inline v16 load16(const void *base, size_t i, int bf16) {
-    if (!bf16) return *(const v16 *)((const float *)base + i);
-    const u32x16 w = __builtin_convertvector(*(const u16x16 *)((const uint16_t *)base + i), u32x16) << 16;
-    return (v16)w;  /* a bit cast, in registers */
+/* VW cache values from float32 pages, or from bfloat16 pages widened exactly (bits << 16) */
+static inline vf loadv(const void *base, size_t i, int bf16) {
+    if (!bf16) return *(const vf *)((const float *)base + i);
+    const u32xvf w = __builtin_convertvector(*(const u16xvf *)((const uint16_t *)base + i), u32xvf) << 16;
+    return (vf)w;  /* a bit cast, in registers */
 }
 
 static inline float load1(const void *base, size_t i, int bf16) {
@@ -128,7 +126,26 @@ static inline float load1(const void *base, size_t i, int bf16) {
     return f;
 }
 
-#define MAX_DV 16  /* head dims up to 256 accumulate in registers */
+#define MAX_DV 16  /* head dims up to 256 (16 x 16 floats) take the vector paths */
+
+/* o = sum_t w[t] v_t * inv over a row's L cached values (head h): nv vectors of VW per value.
+   Inlined with a constant nv (D = 64) its accumulators live in registers. */
+static inline __attribute__((always_inline)) void weighted_values(
+        const float *w, int L, const long *tab, int bs, int Hkv, int h, int D, int nv,
+        const void *vc, int bf16, float inv, float *o) {
+    vf acc[16 * MAX_DV / VW];
+    for (int j = 0; j < nv; j++) acc[j] = (vf){0};
+    for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
+        const int n = L - t0 < bs ? L - t0 : bs;
+        const size_t vb = ((size_t)tab[b] * bs * Hkv + h) * D;
+        for (int i = 0; i < n; i++) {
+            const size_t vv = vb + (size_t)i * Hkv * D;
+            const float wt = w[t0 + i];
+            for (int j = 0; j < nv; j++) acc[j] += wt * loadv(vc, vv + VW * j, bf16);
+        }
+    }
+    for (int j = 0; j < nv; j++) *(vf *)(o + VW * j) = acc[j] * inv;
+}
 #define MAX_G 16   /* query heads per KV head handled together */
 
 /* Attention of R query rows over a paged cache, each row on its own context:
@@ -162,14 +179,14 @@ int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, i
                 const size_t kb = ((size_t)tab[b] * bs * Hkv + h) * D;
                 for (int i = 0; i < n; i++) {
                     const size_t kv = kb + (size_t)i * Hkv * D;
-                    if (fast && D == 64) {
-                        const v16 k0 = load16(kc, kv, bf16), k1 = load16(kc, kv + 16, bf16),
-                                  k2 = load16(kc, kv + 32, bf16), k3 = load16(kc, kv + 48, bf16);
+                    if (fast && D == 64) {  /* the key in 64 / VW registers, read once */
+                        vf k[64 / VW];
+                        for (int j = 0; j < 64 / VW; j++) k[j] = loadv(kc, kv + VW * j, bf16);
                         for (int g = 0; g < G; g++) {
                             const float *qv = qh + (size_t)g * D;
-                            const v16 a = k0 * *(const v16 *)qv + k1 * *(const v16 *)(qv + 16)
-                                        + k2 * *(const v16 *)(qv + 32) + k3 * *(const v16 *)(qv + 48);
-                            p[(size_t)g * L + t0 + i] = hsum(a) * scale;
+                            vf a = k[0] * *(const vf *)qv;
+                            for (int j = 1; j < 64 / VW; j++) a += k[j] * *(const vf *)(qv + VW * j);
+                            p[(size_t)g * L + t0 + i] = hsum_vf(a) * scale;
                         }
                     } else if (!bf16) {
                         for (int g = 0; g < G; g++)
@@ -200,23 +217,14 @@ int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, i
                     for (int d = 0; d < D; d++) o[d] /= sum;
                 }
             }
-            if (fast)  /* weighted values, in registers, one query at a time */
-                for (int g = 0; g < G; g++) {
-                    const float *pg = p + (size_t)g * L;
-                    v16 acc[MAX_DV];
-                    const int nv = D / 16;
-                    for (int j = 0; j < nv; j++) acc[j] = (v16){0};
-                    for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
-                        const int n = L - t0 < bs ? L - t0 : bs;
-                        const size_t vb = ((size_t)tab[b] * bs * Hkv + h) * D;
-                        for (int i = 0; i < n; i++) {
-                            const size_t vv = vb + (size_t)i * Hkv * D;
-                            const float w = pg[t0 + i];
-                            for (int j = 0; j < nv; j++) acc[j] += w * load16(vc, vv + 16 * j, bf16);
-                        }
-                    }
-                    for (int j = 0; j < nv; j++) *(v16 *)(oh + (size_t)g * D + 16 * j) = acc[j] * inv[g];
-                }
+            if (fast && D == 64)  /* weighted values, 64 / VW accumulators in registers */
+                for (int g = 0; g < G; g++)
+                    weighted_values(p + (size_t)g * L, L, tab, bs, Hkv, h, 64, 64 / VW, vc, bf16, inv[g],
+                                    oh + (size_t)g * D);
+            else if (fast)  /* other head dims: up to 256 / VW accumulators (in memory without AVX-512) */
+                for (int g = 0; g < G; g++)
+                    weighted_values(p + (size_t)g * L, L, tab, bs, Hkv, h, D, D / VW, vc, bf16, inv[g],
+                                    oh + (size_t)g * D);
             free(p);
         }
     return err ? -2 : 0;

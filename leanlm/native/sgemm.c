@@ -12,39 +12,59 @@ order, one accumulator per 16 columns), so results are batch-invariant: a row's 
 depend on which other rows share the call. Speculative verification of k+1 tokens therefore
 gives bit-identical logits to k+1 single-token decode steps.
 
-Written with GCC vector extensions rather than intrinsics so it builds for any target;
--march=native turns v16 into one AVX-512 register (two AVX2 ones elsewhere). */
+Written with GCC vector extensions rather than intrinsics so it builds for any target, in
+vectors of the target's width (VW floats): one panel row of 16 floats is PV = 16 / VW of them.
+GCC lowers a 64-byte vector on a CPU without AVX-512 through the stack, so a 16-float accumulator
+type there made every FMA a load and a store (512-row prefill on an AVX2 EPYC ran 40x slower
+than torch's sgemm).
+
+Tile sizes by register file: the mr x nb x PV accumulators and the nb x PV weight vectors of one
+k must stay in registers. AVX-512 has 32 registers of 16 floats: 12 rows x 2 panels, or 4 x 4.
+AVX2 has 16 of 8: 6 rows x 1 panel (12 accumulators, 2 weights, one broadcast) is BLIS's Haswell
+tile; 2 x 2 and 1 x 4 (whose weights feed one FMA each, straight from memory) keep the small-M
+reads of several panels at once. */
 #include <stddef.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#include "vec.h"  /* VW and vf: the target's vector width */
 
+#if VW == 16  /* AVX-512 */
 #define MAX_MR 12
+static inline int panels_per_tile(int M) { return M <= 4 ? 4 : 2; }
+#else
+#define MAX_MR 6
+static inline int panels_per_tile(int M) { return M == 1 ? 4 : (M == 2 ? 2 : 1); }
+#endif
+#define PV (16 / VW)
 #define MAX_NB 4
+
 
 static inline __attribute__((always_inline)) void tile(
         const float *x, int K, int mr, const float *wp, int nb, float *y, int N, int n0,
         const float *bias) {
-    v16 acc[MAX_MR][MAX_NB];
+    vf acc[MAX_MR][MAX_NB * PV];
     const size_t panel = (size_t)K * 16;
+    const int nv = nb * PV;
     for (int m = 0; m < mr; m++)
-        for (int j = 0; j < nb; j++) acc[m][j] = (v16){0};
+        for (int j = 0; j < nv; j++) acc[m][j] = (vf){0};
     for (int k = 0; k < K; k++) {
-        v16 w[MAX_NB];
-        for (int j = 0; j < nb; j++) w[j] = *(const v16 *)(wp + j * panel + (size_t)k * 16);
+        vf w[MAX_NB * PV];
+        for (int j = 0; j < nv; j++)
+            w[j] = *(const vf *)(wp + (j / PV) * panel + (size_t)k * 16 + (j % PV) * VW);
         for (int m = 0; m < mr; m++) {
             const float xs = x[(size_t)m * K + k];
-            for (int j = 0; j < nb; j++) acc[m][j] += xs * w[j];
+            for (int j = 0; j < nv; j++) acc[m][j] += xs * w[j];
         }
     }
-    for (int j = 0; j < nb; j++) {
-        const int c = n0 + j * 16, cols = N - c < 16 ? N - c : 16;
-        v16 b = {0};
+    for (int j = 0; j < nv; j++) {
+        const int c = n0 + (j / PV) * 16 + (j % PV) * VW, cols = N - c < VW ? N - c : VW;
+        if (cols <= 0) continue;
+        vf b = {0};
         if (bias)
             for (int i = 0; i < cols; i++) b[i] = bias[c + i];
         for (int m = 0; m < mr; m++) {
-            v16 r = acc[m][j] + b;
+            vf r = acc[m][j] + b;
             float *out = y + (size_t)m * N + c;
-            if (cols == 16) *(v16 *)out = r;
+            if (cols == VW) *(vf *)out = r;
             else for (int i = 0; i < cols; i++) out[i] = r[i];
         }
     }
@@ -57,8 +77,10 @@ static void run_tile(const float *x, int K, int mr, const float *wp, int nb, flo
 #define T(MR, NB) case MR * 8 + NB: tile(x, K, MR, wp, NB, y, N, n0, bias); break;
     T(1, 1) T(1, 2) T(1, 4) T(2, 1) T(2, 2) T(2, 4) T(3, 1) T(3, 2) T(3, 4)
     T(4, 1) T(4, 2) T(4, 4) T(5, 1) T(5, 2) T(5, 4) T(6, 1) T(6, 2) T(6, 4)
+#if MAX_MR > 6
     T(7, 1) T(7, 2) T(8, 1) T(8, 2) T(9, 1) T(9, 2) T(10, 1) T(10, 2)
     T(11, 1) T(11, 2) T(12, 1) T(12, 2)
+#endif
 #undef T
     }
 }
@@ -68,7 +90,7 @@ static void run_tile(const float *x, int K, int mr, const float *wp, int nb, flo
 void sgemm_packed(const float *x, int M, int K, const float *wp, int N, float *y,
                   const float *bias) {
     const int panels = (N + 15) / 16;
-    const int nb_max = M <= 4 ? 4 : 2;              /* accumulators + weights fit 32 registers */
+    const int nb_max = panels_per_tile(M);
     const int mt = M <= MAX_MR ? M : (M + ((M + MAX_MR - 1) / MAX_MR) - 1) / ((M + MAX_MR - 1) / MAX_MR);
     const int groups = (panels + nb_max - 1) / nb_max, mtiles = (M + mt - 1) / mt;
     #pragma omp parallel for schedule(static) collapse(2) if ((long)M * N * K > 65536)

@@ -1,6 +1,6 @@
 /* Helpers shared by the native kernels (included by ops.c and kivi_attention.c; the build cache
    key covers this header, see native/__init__.py): GCC vector types, bfloat16 rounding, a
-   fixed-order lane sum, and exp for 16 floats at a time. */
+   fixed-order lane sum, and exp a vector at a time. */
 #ifndef LEANLM_VEC_H
 #define LEANLM_VEC_H
 
@@ -13,6 +13,20 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 typedef int v16i __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+/* vf: the target's own vector of VW floats. Without AVX-512, GCC keeps a 64-byte vector (v16) in
+   memory, not in registers: every operation on it is a store and a reload, which made the
+   attention and GEMM kernels 5-40x slower on an AVX2 CPU. Kernels that must be fast everywhere
+   loop over vf; with AVX-512, vf is v16 and their results are the same as v16 code's. */
+#ifdef __AVX512F__
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
+typedef int vfi __attribute__((vector_size(VW * 4)));
+typedef uint32_t u32xvf __attribute__((vector_size(VW * 4)));
+typedef uint16_t u16xvf __attribute__((vector_size(VW * 2), aligned(2)));
 
 /* float32 -> bfloat16, round to nearest even (torch's .to(torch.bfloat16); NaN stays a quiet NaN) */
 static inline uint16_t f2bf(float f) {
@@ -28,6 +42,16 @@ static inline float hsum(v16 a) {
          + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
     v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
     return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* hsum for vf: the same tree (with AVX-512, the same function). */
+static inline float hsum_vf(vf a) {
+#if VW == 16
+    return hsum(a);
+#else
+    v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (c[0] + c[2]) + (c[1] + c[3]);
+#endif
 }
 
 /* The lane sums of four vectors at once: {hsum(a), hsum(b), hsum(c), hsum(d)} up to the order
@@ -48,44 +72,44 @@ static inline v4 hsum4(v16 a, v16 b, v16 c, v16 d) {
     return __builtin_shufflevector(f, f, 0, 2, 1, 3);  /* f = a, c, b, d */
 }
 
-/* exp(x) for 16 floats: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its degree-6 Taylor polynomial
+/* exp(x) lane by lane: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its degree-6 Taylor polynomial
    (relative error < 2e-7 on that range), 2^n built in the exponent bits. libm's expf is scalar
    here (GCC vectorises it only under -ffast-math): it made SiLU ~8% of a 512-token prefill, and
    attention's softmax (one expf per query head and cached token) ~half of a decode step's
    attention. Inputs below -87 give exp(-87) ~ 1.6e-38 instead of 0 (softmax: negligible). */
-static inline v16 exp16(v16 x) {
-    const v16i over = x > 88.f, under = x < -87.f;  /* clamp: 2^n stays a normal float */
-    x = (v16)((over & (v16i)((v16){0} + 88.f)) | (under & (v16i)((v16){0} - 87.f))
-              | (~(over | under) & (v16i)x));
-    const v16 t = x * 1.44269504f + 0.5f;
-    v16i n = __builtin_convertvector(t, v16i);
-    n -= (v16i)(__builtin_convertvector(n, v16) > t) & 1;  /* floor for negative t */
-    const v16 nf = __builtin_convertvector(n, v16);
-    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;  /* ln2 in two parts (Cephes) */
-    v16 p = (v16){0} + 1.f / 720.f;
+static inline vf exp_vf(vf x) {
+    const vfi over = x > 88.f, under = x < -87.f;  /* clamp: 2^n stays a normal float */
+    x = (vf)((over & (vfi)((vf){0} + 88.f)) | (under & (vfi)((vf){0} - 87.f))
+             | (~(over | under) & (vfi)x));
+    const vf t = x * 1.44269504f + 0.5f;
+    vfi n = __builtin_convertvector(t, vfi);
+    n -= (vfi)(__builtin_convertvector(n, vf) > t) & 1;  /* floor for negative t */
+    const vf nf = __builtin_convertvector(n, vf);
+    const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;  /* ln2 in two parts (Cephes) */
+    vf p = (vf){0} + 1.f / 720.f;
     p = p * r + 1.f / 120.f;
     p = p * r + 1.f / 24.f;
     p = p * r + 1.f / 6.f;
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    return p * (v16)((n + 127) << 23);
+    return p * (vf)((n + 127) << 23);
 }
 
-/* Softmax numerators in place: p[t] = exp(p[t] - mx) for t < L; returns their sum (16 lanes,
+/* Softmax numerators in place: p[t] = exp(p[t] - mx) for t < L; returns their sum (VW lanes,
    then the tail, in a fixed order: the same for a row whatever the batch). A -inf score (a
    masked token) gives 0. */
 static inline float exp_shift_sum(float *p, long L, float mx) {
-    v16 acc = {0};
+    vf acc = {0};
     long t = 0;
-    for (; t + 16 <= L; t += 16) {
-        const v16 x = *(const v16 *)(p + t) - mx;
-        const v16 e = exp16(x);
-        const v16 y = (v16)((v16i)e & (x > -INFINITY));
-        *(v16 *)(p + t) = y;
+    for (; t + VW <= L; t += VW) {
+        const vf x = *(const vf *)(p + t) - mx;
+        const vf e = exp_vf(x);
+        const vf y = (vf)((vfi)e & (x > -INFINITY));
+        *(vf *)(p + t) = y;
         acc += y;
     }
-    float s = hsum(acc);
+    float s = hsum_vf(acc);
     for (; t < L; t++) {
         p[t] = expf(p[t] - mx);
         s += p[t];

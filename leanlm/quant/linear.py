@@ -78,8 +78,14 @@ class PackedFloat32Method(QuantMethod):
 
 
 def onednn_available(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-            and torch.backends.mkldnn.is_available())
+    """Whether oneDNN's prepacked bf16/fp16 linear runs here: it needs the CPU's native bf16/fp16
+    support (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); on an AVX2-only CPU the reorder raises, and
+    the layer stays a plain F.linear."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or not torch.backends.mkldnn.is_available():
+        return False
+    supported = (torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16
+                 else torch.ops.mkldnn._is_mkldnn_fp16_supported)
+    return bool(supported())
 
 
 def default_method(dtype: torch.dtype, device: torch.device, compile: bool = False) -> QuantMethod:
