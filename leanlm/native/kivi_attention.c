@@ -62,8 +62,8 @@ static inline uint64_t load_le(const uint8_t *p, int n) {
     static inline vf codes_##B(const uint8_t *p) {                                              \
         const uint64_t w = load_le(p, 2 * B);                                                   \
         const uint32_t lo = (uint32_t)(w & ((1ull << (8 * B)) - 1)), hi = (uint32_t)(w >> (8 * B)); \
-        const u32x16 v = (u32x16){lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi}  \
-            >> (u32x16){0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B,                         \
+        const u32xvf v = (u32xvf){lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi}  \
+            >> (u32xvf){0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B,                         \
                         0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};                        \
         return __builtin_convertvector(v & ((1u << B) - 1), vf);                                \
     }
@@ -261,11 +261,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                                 a[i] = r[0] * *(const vf *)qg;
                                 for (int j = 1; j < NV; j++) a[i] += r[j] * *(const vf *)(qg + VW * j);
                             }
-#if VW == 16
                             const v4 sums = hsum4(a[0], a[1], a[2], a[3]) * scale;
-#else
-                            const v4 sums = (v4){hsum_vf(a[0]), hsum_vf(a[1]), hsum_vf(a[2]), hsum_vf(a[3])} * scale;
-#endif
                             for (int i = 0; i < ng4; i++) sc[(size_t)(g0 + i) * L + t0 + t] = sums[i];
                         }
                     }

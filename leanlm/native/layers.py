@@ -173,10 +173,8 @@ class NativeLayers:
 
 def _cache_kind(codec, num_heads: int) -> int | None:
     """How the executor reaches this codec's storage, or None when it cannot."""
-    if type(codec) is PlainCodec and codec.rotation is None and codec.dtype == torch.float32:
-        if codec.k[0].dtype == torch.bfloat16 and codec.head_dim > 256:  # ops.c widens bf16 rows in 256 floats
-            return None
-        return {torch.float32: PAGES_F32, torch.bfloat16: PAGES_BF16}.get(codec.k[0].dtype)
+    if type(codec) is PlainCodec and codec.rotation is None and codec.fused_decode:  # ops.c reads its pages
+        return {torch.float32: PAGES_F32, torch.bfloat16: PAGES_BF16}[codec.k[0].dtype]
     if type(codec) is KiviCodec and native_kivi.executor_supports(codec, num_heads):
         return CODEC
     return None

@@ -19,7 +19,7 @@ single-token steps bit for bit, as with the matmuls). */
 
 /* Sum of a[i] * b[i] in a fixed order: VW lanes, then the lanes in order (the compiler may not
    reorder a scalar float sum itself, which would leave it one FMA at a time). Loads go through
-   the (4-byte aligned) vector type: a memcpy into a v16 compiled to two 32-byte stores and a
+   the (4-byte aligned) vector type: a memcpy into a 64-byte vector compiled to two 32-byte stores and a
    64-byte reload, a store-forwarding stall that made attention 10x slower. */
 static inline float dot(const float *a, const float *b, int n) {
     int i = 0;

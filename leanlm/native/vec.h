@@ -8,16 +8,13 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
-typedef int v16i __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
-/* vf: the target's own vector of VW floats. Without AVX-512, GCC keeps a 64-byte vector (v16) in
+/* vf: the target's own vector of VW floats. Without AVX-512, GCC keeps a 64-byte vector in
    memory, not in registers: every operation on it is a store and a reload, which made the
-   attention and GEMM kernels 5-40x slower on an AVX2 CPU. Kernels that must be fast everywhere
-   loop over vf; with AVX-512, vf is v16 and their results are the same as v16 code's. */
+   attention and GEMM kernels 5-40x slower on an AVX2 CPU. The kernels loop over vf; with AVX-512
+   it is the 16-float vector they were first written with, and the same operations. */
 #ifdef __AVX512F__
 #define VW 16
 #else
@@ -28,6 +25,14 @@ typedef int vfi __attribute__((vector_size(VW * 4)));
 typedef uint32_t u32xvf __attribute__((vector_size(VW * 4)));
 typedef uint16_t u16xvf __attribute__((vector_size(VW * 2), aligned(2)));
 
+/* a vector's two 8-lane halves added (with 8 lanes, the vector itself) */
+#if VW == 16
+#define HALVES(x) (__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) \
+                   + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15))
+#else
+#define HALVES(x) (x)
+#endif
+
 /* float32 -> bfloat16, round to nearest even (torch's .to(torch.bfloat16); NaN stays a quiet NaN) */
 static inline uint16_t f2bf(float f) {
     uint32_t u;
@@ -36,32 +41,18 @@ static inline uint16_t f2bf(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* The 16 lanes summed as a fixed tree (8 + 8, 4 + 4, ...): short dependency chains. */
-static inline float hsum(v16 a) {
-    v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7)
-         + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
-/* hsum for vf: the same tree (with AVX-512, the same function). */
+/* The lanes summed as a fixed tree (8 + 8, 4 + 4, ...): short dependency chains. */
 static inline float hsum_vf(vf a) {
-#if VW == 16
-    return hsum(a);
-#else
-    v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    const v8 b = HALVES(a);
+    const v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
     return (c[0] + c[2]) + (c[1] + c[3]);
-#endif
 }
 
-/* The lane sums of four vectors at once: {hsum(a), hsum(b), hsum(c), hsum(d)} up to the order
-   of the additions, with the shuffles shared (one reduction per query head and key was a long
-   dependency chain each). */
-static inline v4 hsum4(v16 a, v16 b, v16 c, v16 d) {
-#define HALVES(x) (__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) \
-                   + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15))
+/* The lane sums of four vectors at once, {hsum_vf(a), ..., hsum_vf(d)} bit for bit (the same
+   tree), with the shuffles shared (one reduction per query head and key was a long dependency
+   chain each). */
+static inline v4 hsum4(vf a, vf b, vf c, vf d) {
     const v8 a8 = HALVES(a), b8 = HALVES(b), c8 = HALVES(c), d8 = HALVES(d);
-#undef HALVES
     const v8 ab = __builtin_shufflevector(a8, b8, 0, 1, 2, 3, 8, 9, 10, 11)
                 + __builtin_shufflevector(a8, b8, 4, 5, 6, 7, 12, 13, 14, 15);  /* a 4 | b 4 */
     const v8 cd = __builtin_shufflevector(c8, d8, 0, 1, 2, 3, 8, 9, 10, 11)
@@ -71,6 +62,7 @@ static inline v4 hsum4(v16 a, v16 b, v16 c, v16 d) {
     const v4 f = __builtin_shufflevector(e, e, 0, 2, 4, 6) + __builtin_shufflevector(e, e, 1, 3, 5, 7);
     return __builtin_shufflevector(f, f, 0, 2, 1, 3);  /* f = a, c, b, d */
 }
+#undef HALVES
 
 /* exp(x) lane by lane: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its degree-6 Taylor polynomial
    (relative error < 2e-7 on that range), 2^n built in the exponent bits. libm's expf is scalar
