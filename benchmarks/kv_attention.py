@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from _timing import median_seconds
-from leanlm.kv.quantized import KiviCodec
+from leanlm.kv.quantized import KiviCodec, fill_random
 from leanlm.native import kivi, ops
 
 HQ, H, D, BS = 9, 3, 64, 64
@@ -29,14 +29,7 @@ def kivi_codec(num_blocks: int, rope) -> KiviCodec:
     """kivi:4:g64:v3:c32:s8[:prerope] with random codes, scales and zeros, no residual rows."""
     c = KiviCodec(1, num_blocks, BS, H, D, torch.float32, "cpu", bits=4, max_partial=1, vbits=3, vgroup=32,
                   scale_bits=8, rope=rope)
-    g = torch.Generator().manual_seed(0)
-    for t in c.tensors():
-        if t.dtype == torch.uint8:
-            t.copy_(torch.randint(0, 256, t.shape, generator=g))
-        elif t.dtype == torch.int8:
-            t.copy_(torch.randint(-8, 8, t.shape, generator=g))
-        else:
-            t.copy_(torch.randn(t.shape, generator=g).abs())
+    fill_random(c, torch.Generator().manual_seed(0))
     c.res_row.fill_(-1)
     return c
 

@@ -284,6 +284,21 @@ class _WritePlan:
         return self
 
 
+def fill_random(codec: "KiviCodec", g: torch.Generator) -> None:
+    """Random contents for every tensor of a KIVI cache (kernel tests and benchmarks): uint8 codes
+    and 8-bit scale codes over their whole range, int8 zeros in [-8, 8), float scales positive,
+    zeros and residual rows ~ N(0, 1/4)."""
+    positive = {id(t) for t in codec.ks + codec.vs}
+    for t in codec.tensors():
+        if t.dtype == torch.uint8:
+            t.copy_(torch.randint(0, 256, t.shape, generator=g))
+        elif t.dtype == torch.int8:
+            t.copy_(torch.randint(-8, 8, t.shape, generator=g))
+        else:
+            r = torch.randn(t.shape, generator=g) * 0.5
+            t.copy_(r.abs() if id(t) in positive else r)
+
+
 class KiviCodec(KVCodec):
     blockwise = True  # quantizes whole blocks as they fill
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,

@@ -65,19 +65,25 @@ static inline uint64_t load_le(const uint8_t *p, int n) {
         const u32xvf v = (u32xvf){lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi}  \
             >> (u32xvf){0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B,                         \
                         0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};                        \
-        return __builtin_convertvector(v & ((1u << B) - 1), vf);                                \
+        return __builtin_convertvector((vfi)(v & ((1u << B) - 1)), vf); /* signed: one cvtdq2ps */ \
     }
 #else  /* 8 codes of B bits: one B-byte word broadcast to 8 lanes, shifted per lane */
 #define CODES(B)                                                                                \
     static inline vf codes_##B(const uint8_t *p) {                                              \
         const uint32_t w = (uint32_t)load_le(p, B);                                             \
         const u32xvf v = (u32xvf){w, w, w, w, w, w, w, w} >> (u32xvf){0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B}; \
-        return __builtin_convertvector(v & ((1u << B) - 1), vf);                                \
+        return __builtin_convertvector((vfi)(v & ((1u << B) - 1)), vf); /* signed: one cvtdq2ps */ \
     }
 #endif
 CODES(2)
 CODES(3)
 CODES(4)
+
+/* vector j of a row of codes of `bits` bits (a constant where inlined) */
+static inline vf codes_row(const uint8_t *row, const int bits, int j) {
+    const uint8_t *p = row + VW * bits / 8 * j;
+    return bits == 4 ? codes_4(p) : bits == 3 ? codes_3(p) : codes_2(p);
+}
 
 /* packed codes of one token and head -> D floats (layouts of pack_codes in kv/quantized.py) */
 static inline void unpack(const uint8_t *p, int bits, int D, float *out) {
@@ -136,6 +142,70 @@ static inline void load_row(const void *base, int bf16, size_t idx, int D, float
     else memcpy(out, (const float *)base + idx, sizeof(float) * D);
 }
 
+/* One token's 64 value codes of `bits` bits (a constant where inlined) -> vt, dequantized a
+   vector at a time in registers: v = s_g * code + z_g per group of vgroup channels (a multiple of
+   VW; groups of 32 or more take weigh_codes64 instead). Unpacking into memory and dequantizing
+   there with scalar-width loops read back what had just been stored at another width: a
+   store-forwarding stall per vector. */
+static inline __attribute__((always_inline)) void dequant_values64(
+        const uint8_t *p, const int bits, int vgroup, const void *vs, const void *vz, size_t g0,
+        const float *s8_table, float vzunit, float *vt) {
+    enum { NV = 64 / VW };
+    const int per = vgroup / VW;  /* vectors per scale group */
+    for (int c = 0, j = 0; j < NV; c++) {
+        float s, z;
+        scale_zero(vs, vz, g0 + c, s8_table, vzunit, &s, &z);
+        for (int k = 0; k < per; k++, j++) {
+            const uint8_t *pc = p + VW * bits / 8 * j;
+            const vf code = bits == 4 ? codes_4(pc) : bits == 3 ? codes_3(pc) : codes_2(pc);
+            *(vf *)(vt + VW * j) = code * s + z;
+        }
+    }
+}
+
+/* A block's quantized values (64 channels, `bits` a constant where inlined) weighted into the
+   accumulators of up to 3 query heads (nh, a constant where inlined): acc[i] += sum_t p_i[t] v_t,
+   without dequantizing into memory. v = s code + z per group of vgroup (a multiple of 32)
+   channels, so sum_t p_t v_t = sum_t (p_t s_t) code_t + sum_t p_t z_t: the scale goes into the
+   weight (one multiply per token, group and head) and the zeros into one scalar sum per head and
+   group. Channels go 32 at a time (SV vectors: 3 x SV accumulators, one code vector and three
+   weights fit AVX2's 16 registers), each token's codes unpacked once for all heads. Before, the
+   block was dequantized into a buffer and read back once per head: the value pass was half the
+   kernel's time on AVX2. */
+static inline __attribute__((always_inline)) void weigh_codes64(
+        const uint8_t *v0, size_t vstep, const int bits, int nt, int vgroup, const void *vs, const void *vz,
+        size_t g0, size_t gstep, const float *s8_table, float vzunit, const float *const *pw, const int nh,
+        float *const *acc) {
+    enum { SV = 32 / VW };
+    for (int sl = 0; sl < 2; sl++) {
+        const int c = sl * 32 / vgroup;  /* the slice's scale group */
+        vf a[3][SV];
+        float zs[3] = {0.f, 0.f, 0.f};
+        for (int i = 0; i < nh; i++)
+            for (int k = 0; k < SV; k++) a[i][k] = (vf){0};
+        for (int t = 0; t < nt; t++) {
+            float sc, z;
+            scale_zero(vs, vz, g0 + (size_t)t * gstep + c, s8_table, vzunit, &sc, &z);
+            float ws[3];
+            for (int i = 0; i < nh; i++) {
+                const float w = pw[i][t];
+                ws[i] = w * sc;
+                zs[i] += w * z;
+            }
+            const uint8_t *p = v0 + (size_t)t * vstep;
+            for (int k = 0; k < SV; k++) {
+                const vf code = codes_row(p, bits, sl * SV + k);
+                for (int i = 0; i < nh; i++) a[i][k] += ws[i] * code;
+            }
+        }
+        for (int i = 0; i < nh; i++)
+            for (int k = 0; k < SV; k++) {
+                float *o = acc[i] + sl * 32 + VW * k;
+                *(vf *)o += a[i][k] + zs[i];
+            }
+    }
+}
+
 #define MAXD 256
 #define MAXG 16
 
@@ -181,6 +251,143 @@ static inline float max_of(const float *p, int64_t L) {
     return m;
 }
 
+/* Token t's key, dequantized (x = s_c code + z_c) and rotated to its position (c, sn: its RoPE
+   rows), times each query head lane by lane: dv[g] holds the VW partial sums of q_g . k. */
+static inline __attribute__((always_inline)) void key_dots64(
+        const uint8_t *p, const int bits, const int32_t *perm, const uint8_t *gbits, int kbits,
+        const vf *sv, const vf *zv, const float *c, const float *sn, const float *qh, int G, vf *dv) {
+    enum { NV = 64 / VW };
+    vf x[NV], r[NV];
+    if (bits)
+        for (int j = 0; j < NV; j++) x[j] = codes_row(p, bits, j) * sv[j] + zv[j];
+    else {
+        float buf[64];
+        unpack_key(p, kbits, perm, gbits, 64, buf);
+        for (int j = 0; j < NV; j++) x[j] = *(const vf *)(buf + VW * j) * sv[j] + zv[j];
+    }
+    /* rope_row: first half x1 cos + x2 sin, second half x2 cos + x1 sin (sin signed) */
+    for (int j = 0; j < NV; j++)
+        r[j] = x[j] * *(const vf *)(c + VW * j) + x[(j + NV / 2) % NV] * *(const vf *)(sn + VW * j);
+    for (int g = 0; g < G; g++) {  /* two chains of FMAs each: half the latency */
+        const float *qg = qh + g * 64;
+        vf e = r[0] * *(const vf *)qg, o = r[1] * *(const vf *)(qg + VW);
+        for (int j = 2; j < NV; j += 2) {
+            e += r[j] * *(const vf *)(qg + VW * j);
+            o += r[j + 1] * *(const vf *)(qg + VW * (j + 1));
+        }
+        dv[g] = e + o;
+    }
+}
+
+#if VW == 8
+/* the lane sums of eight 8-lane vectors as one vector {sum a0, ..., sum a7}: 8 shuffles and 7
+   adds for eight dot products (one hsum4 and three scalar stores per token and 3 heads were a
+   quarter of the kernel) */
+static inline vf sum8(const vf *a) {
+#define LO(x, y) __builtin_shufflevector(x, y, 0, 8, 1, 9, 4, 12, 5, 13)     /* unpcklps */
+#define HI(x, y) __builtin_shufflevector(x, y, 2, 10, 3, 11, 6, 14, 7, 15)   /* unpckhps */
+#define S44(x, y) __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13)    /* shufps 0x44 */
+#define SEE(x, y) __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15)  /* shufps 0xee */
+    const vf h01 = LO(a[0], a[1]) + HI(a[0], a[1]), h23 = LO(a[2], a[3]) + HI(a[2], a[3]);
+    const vf h45 = LO(a[4], a[5]) + HI(a[4], a[5]), h67 = LO(a[6], a[7]) + HI(a[6], a[7]);
+    const vf q0 = S44(h01, h23) + SEE(h01, h23), q1 = S44(h45, h67) + SEE(h45, h67);
+    return __builtin_shufflevector(q0, q1, 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(q0, q1, 4, 5, 6, 7, 12, 13, 14, 15);
+#undef LO
+#undef HI
+#undef S44
+#undef SEE
+}
+#endif
+
+/* Pre-RoPE keys, 64 channels: the scores of a block's nt tokens for the G query heads sharing the
+   KV head, each key dequantized, rotated to its position and dotted with every query head in
+   registers. bits (a constant where inlined): 2-4 unpack VW codes at a time straight into
+   registers; 0 goes through unpack_key (kmix's mixed widths, other widths). k0: the first token's
+   codes, kstep bytes apart; c, sn: the first token's RoPE rows; sc [G][L] from the block's first
+   token. With 8-float vectors, 8 tokens' partial sums are reduced together (sum8). */
+static inline __attribute__((always_inline)) void scores_prerope64(
+        const uint8_t *k0, size_t kstep, const int bits, const int32_t *perm, const uint8_t *gbits,
+        int kbits, int nt, const float *s_c, const float *z_c, const float *c, const float *sn,
+        const float *qh, int G, float scale, float *sc, int64_t L) {
+    enum { NV = 64 / VW };
+    vf sv[NV], zv[NV];
+    for (int j = 0; j < NV; j++) sv[j] = *(const vf *)(s_c + VW * j), zv[j] = *(const vf *)(z_c + VW * j);
+    int t = 0;
+#if VW == 8
+    for (; t + 8 <= nt; t += 8) {
+        vf dv[MAXG][8];
+        for (int u = 0; u < 8; u++) {
+            vf d[MAXG];
+            key_dots64(k0 + (size_t)(t + u) * kstep, bits, perm, gbits, kbits, sv, zv, c + (size_t)(t + u) * 64,
+                       sn + (size_t)(t + u) * 64, qh, G, d);
+            for (int g = 0; g < G; g++) dv[g][u] = d[g];
+        }
+        for (int g = 0; g < G; g++) *(vf *)(sc + (size_t)g * L + t) = sum8(dv[g]) * scale;
+    }
+#endif
+    for (; t < nt; t++) {
+        vf d[MAXG + 3];
+        key_dots64(k0 + (size_t)t * kstep, bits, perm, gbits, kbits, sv, zv, c + (size_t)t * 64,
+                   sn + (size_t)t * 64, qh, G, d);
+        for (int g = G; g < G + 3; g++) d[g] = (vf){0};  /* hsum4's lanes past G */
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            const int ng4 = G - g0 < 4 ? G - g0 : 4;
+            const v4 sums = hsum4(d[g0], d[g0 + 1], d[g0 + 2], d[g0 + 3]) * scale;
+            for (int i = 0; i < ng4; i++) sc[(size_t)(g0 + i) * L + t] = sums[i];
+        }
+    }
+}
+
+/* Post-RoPE keys, 64 channels at uniform widths (bits a constant where inlined): the scores of a
+   block's nt tokens, (q_g s) . code + q_g . z (qs rows MAXD apart, c0), times the token's key
+   norm (kn: the first token's, knstep apart; NULL: 1) and the scale, with the codes in registers
+   and, with 8-float vectors, 8 tokens' sums reduced together as for pre-RoPE keys. */
+static inline __attribute__((always_inline)) void scores_post64(
+        const uint8_t *k0, size_t kstep, const int bits, int nt, const float *qs, const float *c0,
+        const uint16_t *kn, size_t knstep, int G, float scale, float *sc, int64_t L) {
+    enum { NV = 64 / VW };
+    int t = 0;
+#define DOTS(T, DV)                                                                        \
+    do {                                                                                   \
+        const uint8_t *p = k0 + (size_t)(T) * kstep;                                       \
+        vf x[NV];                                                                          \
+        for (int j = 0; j < NV; j++) x[j] = codes_row(p, bits, j);                         \
+        for (int g = 0; g < G; g++) {                                                      \
+            const float *qg = qs + (size_t)g * MAXD;                                       \
+            vf e = x[0] * *(const vf *)qg, o = x[1] * *(const vf *)(qg + VW);              \
+            for (int j = 2; j < NV; j += 2) {                                              \
+                e += x[j] * *(const vf *)(qg + VW * j);                                    \
+                o += x[j + 1] * *(const vf *)(qg + VW * (j + 1));                          \
+            }                                                                              \
+            DV[g] = e + o;                                                                 \
+        }                                                                                  \
+    } while (0)
+#if VW == 8
+    for (; t + 8 <= nt; t += 8) {
+        vf dv[MAXG][8], d[MAXG], norm = (vf){0} + 1.f;
+        for (int u = 0; u < 8; u++) {
+            DOTS(t + u, d);
+            for (int g = 0; g < G; g++) dv[g][u] = d[g];
+            if (kn) norm[u] = h2f(kn[(size_t)(t + u) * knstep]);
+        }
+        for (int g = 0; g < G; g++) *(vf *)(sc + (size_t)g * L + t) = (sum8(dv[g]) + c0[g]) * norm * scale;
+    }
+#endif
+    for (; t < nt; t++) {
+        vf d[MAXG + 3];
+        DOTS(t, d);
+        for (int g = G; g < G + 3; g++) d[g] = (vf){0};
+        const float norm = kn ? h2f(kn[(size_t)t * knstep]) : 1.f;
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            const int ng4 = G - g0 < 4 ? G - g0 : 4;
+            const v4 sums = hsum4(d[g0], d[g0 + 1], d[g0 + 2], d[g0 + 3]);
+            for (int i = 0; i < ng4; i++) sc[(size_t)(g0 + i) * L + t] = (sums[i] + c0[g0 + i]) * norm * scale;
+        }
+    }
+#undef DOTS
+}
+
 /* q [B, Hq, D] float32; tables [B, nblk] block ids; lens [B] tokens each query attends to;
    kc [blocks, bs, H, D*kbits/8], ks/kz [blocks, 1, H, D] fp16, kn [blocks, bs, H] fp16 or NULL,
    vc [blocks, bs, H, D*vbits/8], vs/vz [blocks, bs, H, D/vgroup] fp16;
@@ -205,6 +412,9 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
     const int G = Hq / H;
     if (D > MAXD || G > MAXG || G * H != Hq || D % vgroup || D % 8) return -1;
     const int P = kperm ? kbytes : D * kbits / 8, PV = D * vbits / 8, ng = D / vgroup;
+    /* the register paths: 64-channel heads at uniform widths of 2-4 bits, value groups of whole vectors */
+    const int fastv = D == 64 && vbits >= 2 && vbits <= 4 && vgroup % VW == 0;
+    const int fusedv = fastv && vgroup % 32 == 0;  /* weigh_codes64 */
     int err = 0;
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int b = 0; b < B; b++)
@@ -241,29 +451,15 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 else
                     for (int d = 0; d < D; d++) scale_zero(ks, kz, kbase + d, NULL, 0.f, &s_c[d], &z_c[d]);
                 if (rope_cos && D == 64) {  /* as below, in registers: NV vectors of VW per row */
-                    enum { NV = 64 / VW };
-                    vf sv[NV], zv[NV];
-                    for (int j = 0; j < NV; j++) sv[j] = *(vf *)(s_c + VW * j), zv[j] = *(vf *)(z_c + VW * j);
-                    for (int t = 0; t < nt; t++) {
-                        const size_t tok = ((size_t)block * bs + t) * H + h;
-                        unpack_key(kc + tok * P, kbits, hperm, hgbits, D, buf);
-                        vf x[NV], r[NV];
-                        for (int j = 0; j < NV; j++) x[j] = *(vf *)(buf + VW * j) * sv[j] + zv[j];
-                        const float *c = rope_cos + (size_t)(t0 + t) * 64, *sn = rope_sin + (size_t)(t0 + t) * 64;
-                        /* rope_row: first half x1 cos + x2 sin, second half x2 cos + x1 sin (sin signed) */
-                        for (int j = 0; j < NV; j++)
-                            r[j] = x[j] * *(const vf *)(c + VW * j) + x[(j + NV / 2) % NV] * *(const vf *)(sn + VW * j);
-                        vf a[4] = {{0}};  /* up to 4 query heads' products, summed together */
-                        for (int g0 = 0; g0 < G; g0 += 4) {
-                            const int ng4 = G - g0 < 4 ? G - g0 : 4;
-                            for (int i = 0; i < ng4; i++) {
-                                const float *qg = qh + (g0 + i) * 64;
-                                a[i] = r[0] * *(const vf *)qg;
-                                for (int j = 1; j < NV; j++) a[i] += r[j] * *(const vf *)(qg + VW * j);
-                            }
-                            const v4 sums = hsum4(a[0], a[1], a[2], a[3]) * scale;
-                            for (int i = 0; i < ng4; i++) sc[(size_t)(g0 + i) * L + t0 + t] = sums[i];
-                        }
+                    const uint8_t *k0 = kc + ((size_t)block * bs * H + h) * P;
+                    const size_t kstep = (size_t)H * P;
+                    const float *c = rope_cos + (size_t)t0 * 64, *sn = rope_sin + (size_t)t0 * 64;
+                    float *s0 = sc + t0;
+                    switch (hperm ? 0 : kbits) {  /* a constant width per copy; 0: unpack_key */
+                    case 2: scores_prerope64(k0, kstep, 2, NULL, NULL, kbits, nt, s_c, z_c, c, sn, qh, G, scale, s0, L); break;
+                    case 3: scores_prerope64(k0, kstep, 3, NULL, NULL, kbits, nt, s_c, z_c, c, sn, qh, G, scale, s0, L); break;
+                    case 4: scores_prerope64(k0, kstep, 4, NULL, NULL, kbits, nt, s_c, z_c, c, sn, qh, G, scale, s0, L); break;
+                    default: scores_prerope64(k0, kstep, 0, hperm, hgbits, kbits, nt, s_c, z_c, c, sn, qh, G, scale, s0, L);
                     }
                     continue;
                 }
@@ -286,6 +482,16 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     }
                     c0[g] = c;
                 }
+                if (D == 64 && !hperm && kbits >= 2 && kbits <= 4) {  /* in registers */
+                    const size_t tok0 = (size_t)block * bs * H + h;
+                    const uint16_t *kn0 = kn ? kn + tok0 : NULL;
+                    switch (kbits) {  /* a constant width per copy */
+                    case 2: scores_post64(kc + tok0 * P, (size_t)H * P, 2, nt, qs[0], c0, kn0, H, G, scale, sc + t0, L); break;
+                    case 3: scores_post64(kc + tok0 * P, (size_t)H * P, 3, nt, qs[0], c0, kn0, H, G, scale, sc + t0, L); break;
+                    default: scores_post64(kc + tok0 * P, (size_t)H * P, 4, nt, qs[0], c0, kn0, H, G, scale, sc + t0, L);
+                    }
+                    continue;
+                }
                 for (int t = 0; t < nt; t++) {
                     const size_t tok = ((size_t)block * bs + t) * H + h;
                     unpack_key(kc + tok * P, kbits, hperm, hgbits, D, buf);
@@ -303,12 +509,36 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
             for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {   /* values */
                 const int64_t block = tables[(size_t)b * nblk + blk], row = res_row[block];
                 const int nt = L - t0 < bs ? (int)(L - t0) : bs;
+                if (row < 0 && fusedv) {  /* codes straight into the heads' accumulators */
+                    const size_t tok0 = ((size_t)block * bs) * H + h;
+                    for (int g0 = 0; g0 < G; g0 += 3) {
+                        const int nh = G - g0 < 3 ? G - g0 : 3;
+                        const float *pw[3];
+                        float *ac[3];
+                        for (int i = 0; i < nh; i++) pw[i] = sc + (size_t)(g0 + i) * L + t0, ac[i] = acc[g0 + i];
+#define WEIGH(B, NH) weigh_codes64(vc + tok0 * PV, (size_t)H * PV, B, nt, vgroup, vs, vz, tok0 * ng, (size_t)H * ng, \
+                                   s8_table, vzunit, pw, NH, ac)
+                        switch (vbits * 4 + nh) {  /* constant widths and head counts per copy */
+                        case 9: WEIGH(2, 1); break;  case 10: WEIGH(2, 2); break;  case 11: WEIGH(2, 3); break;
+                        case 13: WEIGH(3, 1); break; case 14: WEIGH(3, 2); break; case 15: WEIGH(3, 3); break;
+                        case 17: WEIGH(4, 1); break; case 18: WEIGH(4, 2); break; default: WEIGH(4, 3);
+                        }
+#undef WEIGH
+                    }
+                    continue;
+                }
                 /* the block's values (dequantized, or its residual rows) once, then each query
                    head's weighted sum over them with its accumulators in registers */
                 for (int t = 0; t < nt; t++) {
                     float *vt = vbuf + (size_t)t * D;
                     const size_t tok = ((size_t)block * bs + t) * H + h;
                     if (row >= 0) load_row(rv, res_bf16, (((size_t)row * bs + t) * H + h) * D, D, vt);
+                    else if (fastv)
+                        switch (vbits) {  /* a constant width per copy */
+                        case 2: dequant_values64(vc + tok * PV, 2, vgroup, vs, vz, tok * ng, s8_table, vzunit, vt); break;
+                        case 3: dequant_values64(vc + tok * PV, 3, vgroup, vs, vz, tok * ng, s8_table, vzunit, vt); break;
+                        default: dequant_values64(vc + tok * PV, 4, vgroup, vs, vz, tok * ng, s8_table, vzunit, vt);
+                        }
                     else {
                         unpack(vc + tok * PV, vbits, D, vt);
                         for (int c = 0; c < ng; c++) {

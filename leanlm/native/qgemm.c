@@ -23,13 +23,15 @@ in sgemm.c: a self-speculative int8 draft decodes the same tokens alone or in a 
    64-byte vector without AVX-512 through the stack (see sgemm.c). Tile sizes by register file, as
    in sgemm.c: AVX-512 takes 12 rows x 2 panels and 8 panels at one or two rows (8 independent FMA
    chains hide the FMA latency that 4 left exposed; the widening adds two instructions per 16
-   codes); AVX2's 16 registers of 8 floats take 6 x 1, 2 x 2 and 1 x 4. */
+   codes); AVX2's 16 registers of 8 floats take 6 x 1 for prefill, and decode batches of up to 8
+   rows tiles of at most 4 rows x 2 panels, or 1 x 4 (as in sgemm.c: M = 4 and 8 1.13-1.15x
+   faster than with one panel per tile; 2 rows stay at 2 panels, which 4 made slower here). */
 #if VW == 16  /* AVX-512 */
 #define MAX_MR 12
-static inline int panels_per_tile(int M) { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
+static inline int panels_per_tile(int rows) { return rows <= 2 ? 8 : rows <= 4 ? 4 : 2; }
 #else
 #define MAX_MR 6
-static inline int panels_per_tile(int M) { return M == 1 ? 4 : (M == 2 ? 2 : 1); }
+static inline int panels_per_tile(int rows) { return rows == 1 ? 4 : (rows <= 4 ? 2 : 1); }
 #endif
 #define PV (16 / VW)
 #define MAX_NB 8
@@ -103,8 +105,9 @@ static void run_tile(const float *x, int K, int mr, const signed char *wp, int n
 void qgemm_i8_packed(const float *x, int M, int K, const signed char *wp, int N,
                      const float *scale, float *y, const float *bias) {
     const int panels = (N + 15) / 16;
-    const int nb_max = panels_per_tile(M);
-    const int mt = M <= MAX_MR ? M : (M + ((M + MAX_MR - 1) / MAX_MR) - 1) / ((M + MAX_MR - 1) / MAX_MR);
+    const int cap = (VW == 8 && M <= 8) ? 4 : MAX_MR;  /* rows per tile at most (see above) */
+    const int mt = M <= cap ? M : (M + ((M + cap - 1) / cap) - 1) / ((M + cap - 1) / cap);  /* balanced */
+    const int nb_max = panels_per_tile(mt);
     const int groups = (panels + nb_max - 1) / nb_max, mtiles = (M + mt - 1) / mt;
     #pragma omp parallel for schedule(static) collapse(2) if ((long)M * N * K > 65536)
     for (int g = 0; g < groups; g++)

@@ -9,7 +9,7 @@ from leanlm.native import gemm
 pytestmark = pytest.mark.skipif(gemm.kernel() is None, reason="no C compiler: the torch path is used")
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 7, 9, 12, 13, 16, 30, 64])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 30, 64])
 @pytest.mark.parametrize("N, K", [(16, 64), (40, 17), (96, 1), (200, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_float64_reference(M, N, K, bias):

@@ -89,3 +89,56 @@ def test_kernel_catches_a_wrong_scale(tiny_model_dir, kv, corrupt):
     corrupt(codec)
     b = codec.decode_attention(0, q, tables, lens)
     assert a is not None and (a - b).abs().max() > 1e-3
+
+
+def _random_codec(Hq, H, bs, nblocks, kbits, vbits, vgroup, s8, prerope, kmix_bits, knorm, seed):
+    """A 64-channel KIVI cache (SmolLM2's head size, where the kernel's register paths run) with
+    random codes, scales, zeros, residual rows and RoPE tables."""
+    from leanlm.kv import kmix
+    from leanlm.kv.quantized import KiviCodec, fill_random
+
+    D = 64
+    g = torch.Generator().manual_seed(seed)
+    rope = (torch.randn(nblocks * bs, D, generator=g), torch.randn(nblocks * bs, D, generator=g)) if prerope else None
+    plan = kmix.plan_from_weights([torch.rand(H, D, generator=g)], kmix_bits) if kmix_bits else None
+    c = KiviCodec(1, nblocks, bs, H, D, torch.float32, "cpu", bits=kbits, max_partial=4, vbits=vbits,
+                  vgroup=vgroup, scale_bits=8 if s8 else 16, rope=rope, key_plan=plan, knorm=knorm)
+    fill_random(c, g)
+    return c
+
+
+@pytest.mark.parametrize("Hq, H", [(9, 3), (8, 2), (7, 1), (4, 4)])  # 3, 4, 7 and 1 query heads per KV head
+@pytest.mark.parametrize("kbits, vbits, vgroup, s8, prerope, kmix_bits, knorm", [
+    (4, 3, 32, True, True, None, False),    # the benchmarked codec: codes weighed straight into the heads (c32)
+    (4, 4, 64, False, True, None, False),   # fp16 value scales, one group per head
+    (2, 2, 16, True, False, None, False),   # post-RoPE keys; values in groups of 16 (dequantized into a buffer)
+    (3, 3, 32, False, False, None, True),   # post-RoPE keys with per-token norms
+    (3, 3, 32, False, True, None, False),
+    (2, 4, 64, True, True, None, False),
+    (3.5, 4, 32, True, True, 3.5, False),   # kmix: mixed key widths (unpacked through memory)
+])
+@pytest.mark.parametrize("bs", [64, 16])
+def test_64_channel_heads_match_float64(Hq, H, kbits, vbits, vgroup, s8, prerope, kmix_bits, knorm, bs):
+    """The kernel's 64-channel paths (keys dequantized, rotated and dotted in registers, 8 tokens'
+    scores reduced together, value codes weighed straight into each head's accumulators) against
+    attention in float64 over what the torch path dequantizes (read_blocks). Lengths leave partial
+    groups of 8 and partial blocks, whose residual rows the kernel reads as stored."""
+    lens = [37, 130, 64, 200]
+    nblk = -(-max(lens) // bs)
+    c = _random_codec(Hq, H, bs, len(lens) * nblk, int(kbits), vbits, vgroup, s8, prerope, kmix_bits, knorm,
+                      seed=Hq + bs)
+    tables = torch.arange(len(lens) * nblk).view(len(lens), nblk)
+    for b, n in enumerate(lens):  # a partly filled last block lives in a residual row
+        if n % bs:
+            c.res_row[tables[b, (n - 1) // bs]] = b
+    q = torch.randn(len(lens), Hq, 64, generator=torch.Generator().manual_seed(1))
+    out = c.decode_attention(0, q, tables, torch.tensor(lens))
+    assert out is not None
+    k, v = c.read_blocks(0, tables)
+    G = Hq // H
+    for b, n in enumerate(lens):
+        kb = k[b, :n].double().repeat_interleave(G, dim=1)  # [n, Hq, D]
+        vb = v[b, :n].double().repeat_interleave(G, dim=1)
+        p = (torch.einsum("hd,nhd->hn", q[b].double(), kb) / 8).softmax(-1)
+        ref = torch.einsum("hn,nhd->hd", p, vb)
+        torch.testing.assert_close(out[b].double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -17,7 +17,7 @@ def _operands(M, N, K, seed):
     return torch.randn(M, K, generator=g), codes, scales, torch.randn(N, generator=g)
 
 
-@pytest.mark.parametrize("M", [1, 2, 4, 5, 9, 12, 13, 30])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 30])
 @pytest.mark.parametrize("N, K", [(16, 64), (40, 17), (96, 1), (200, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_float64_reference(M, N, K, bias):
