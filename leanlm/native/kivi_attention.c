@@ -79,9 +79,21 @@ CODES(2)
 CODES(3)
 CODES(4)
 
-/* vector j of a row of codes of `bits` bits (a constant where inlined) */
+/* Vector j of a row of 64 codes of `bits` bits (a constant where inlined). Eight 3-bit codes are
+   3 bytes, which took a 2- and a 1-byte load, a shift and an or before the broadcast; all but the
+   row's last vector read 4 bytes instead (the extra byte is the next vector's), the last the 4
+   bytes ending with its own, shifted 8 bits further. */
 static inline vf codes_row(const uint8_t *row, const int bits, int j) {
     const uint8_t *p = row + VW * bits / 8 * j;
+#if VW == 8
+    if (bits == 3) {
+        const int last = j == 64 / VW - 1;
+        uint32_t w;
+        memcpy(&w, p - last, 4);
+        const u32xvf v = ((u32xvf){0} + w) >> ((u32xvf){0, 3, 6, 9, 12, 15, 18, 21} + 8 * last);
+        return __builtin_convertvector((vfi)(v & 7), vf);
+    }
+#endif
     return bits == 4 ? codes_4(p) : bits == 3 ? codes_3(p) : codes_2(p);
 }
 
@@ -163,45 +175,56 @@ static inline __attribute__((always_inline)) void dequant_values64(
     }
 }
 
-/* A block's quantized values (64 channels, `bits` a constant where inlined) weighted into the
+/* A block's quantized values (64 channels, `bits` a constant where inlined) weighed into the
    accumulators of up to 3 query heads (nh, a constant where inlined): acc[i] += sum_t p_i[t] v_t,
-   without dequantizing into memory. v = s code + z per group of vgroup (a multiple of 32)
-   channels, so sum_t p_t v_t = sum_t (p_t s_t) code_t + sum_t p_t z_t: the scale goes into the
-   weight (one multiply per token, group and head) and the zeros into one scalar sum per head and
-   group. Channels go 32 at a time (SV vectors: 3 x SV accumulators, one code vector and three
-   weights fit AVX2's 16 registers), each token's codes unpacked once for all heads. Before, the
-   block was dequantized into a buffer and read back once per head: the value pass was half the
-   kernel's time on AVX2. */
+   without dequantizing into memory. v = s code + z per group of vgroup (a multiple of VW)
+   channels, so sum_t p_t v_t = sum_t (p_t s_t) code_t + sum_t p_t z_t: the scales go into the
+   weights first (wbuf[i][c][t] = p_i[t] s_{t,c}, 3 x 64/vgroup x nt floats) and the zeros into one
+   sum per head and group. Then SV vectors of channels at a time, each token's codes unpacked once
+   for all heads: 3 x SV accumulators, SV codes and the weights' broadcasts stay in registers
+   (SV = 2 with AVX2's 16; a slice of 32 channels spilled five accumulators to the stack, and
+   each token's FMAs then waited on a store). Before, a block was dequantized into a buffer and
+   read back once per head: the value pass was half the kernel's time on AVX2. */
 static inline __attribute__((always_inline)) void weigh_codes64(
         const uint8_t *v0, size_t vstep, const int bits, int nt, int vgroup, const void *vs, const void *vz,
         size_t g0, size_t gstep, const float *s8_table, float vzunit, const float *const *pw, const int nh,
-        float *const *acc) {
-    enum { SV = 32 / VW };
-    for (int sl = 0; sl < 2; sl++) {
-        const int c = sl * 32 / vgroup;  /* the slice's scale group */
-        vf a[3][SV];
-        float zs[3] = {0.f, 0.f, 0.f};
-        for (int i = 0; i < nh; i++)
-            for (int k = 0; k < SV; k++) a[i][k] = (vf){0};
-        for (int t = 0; t < nt; t++) {
+        float *const *acc, float *wbuf) {
+    enum { SV = 2, SLW = SV * VW, NSL = 64 / SLW };  /* vgroup: a multiple of SLW */
+    const int ng = 64 / vgroup;
+    float zs[3][64 / SLW];
+    for (int i = 0; i < nh; i++)
+        for (int c = 0; c < ng; c++) zs[i][c] = 0.f;
+    for (int t = 0; t < nt; t++)
+        for (int c = 0; c < ng; c++) {
             float sc, z;
             scale_zero(vs, vz, g0 + (size_t)t * gstep + c, s8_table, vzunit, &sc, &z);
-            float ws[3];
             for (int i = 0; i < nh; i++) {
                 const float w = pw[i][t];
-                ws[i] = w * sc;
-                zs[i] += w * z;
+                wbuf[((size_t)i * ng + c) * nt + t] = w * sc;
+                zs[i][c] += w * z;
             }
+        }
+    for (int sl = 0; sl < NSL; sl++) {
+        const int c = sl * SLW / vgroup;  /* the slice's group */
+        const float *w[3];
+        vf a[3][SV];
+        for (int i = 0; i < nh; i++) {
+            w[i] = wbuf + ((size_t)i * ng + c) * nt;
+            for (int k = 0; k < SV; k++) a[i][k] = (vf){0};
+        }
+        for (int t = 0; t < nt; t++) {
             const uint8_t *p = v0 + (size_t)t * vstep;
-            for (int k = 0; k < SV; k++) {
-                const vf code = codes_row(p, bits, sl * SV + k);
-                for (int i = 0; i < nh; i++) a[i][k] += ws[i] * code;
+            vf code[SV];
+            for (int k = 0; k < SV; k++) code[k] = codes_row(p, bits, sl * SV + k);
+            for (int i = 0; i < nh; i++) {
+                const float wi = w[i][t];
+                for (int k = 0; k < SV; k++) a[i][k] += wi * code[k];
             }
         }
         for (int i = 0; i < nh; i++)
             for (int k = 0; k < SV; k++) {
-                float *o = acc[i] + sl * 32 + VW * k;
-                *(vf *)o += a[i][k] + zs[i];
+                float *o = acc[i] + sl * SLW + VW * k;
+                *(vf *)o += a[i][k] + zs[i][c];
             }
     }
 }
@@ -252,10 +275,10 @@ static inline float max_of(const float *p, int64_t L) {
 }
 
 /* Token t's key, dequantized (x = s_c code + z_c) and rotated to its position (c, sn: its RoPE
-   rows), times each query head lane by lane: dv[g] holds the VW partial sums of q_g . k. */
+   rows), times each query head lane by lane: dv[g * ds] holds the VW partial sums of q_g . k. */
 static inline __attribute__((always_inline)) void key_dots64(
         const uint8_t *p, const int bits, const int32_t *perm, const uint8_t *gbits, int kbits,
-        const vf *sv, const vf *zv, const float *c, const float *sn, const float *qh, int G, vf *dv) {
+        const vf *sv, const vf *zv, const float *c, const float *sn, const float *qh, int G, vf *dv, int ds) {
     enum { NV = 64 / VW };
     vf x[NV], r[NV];
     if (bits)
@@ -275,7 +298,7 @@ static inline __attribute__((always_inline)) void key_dots64(
             e += r[j] * *(const vf *)(qg + VW * j);
             o += r[j + 1] * *(const vf *)(qg + VW * (j + 1));
         }
-        dv[g] = e + o;
+        dv[(size_t)g * ds] = e + o;
     }
 }
 
@@ -317,19 +340,16 @@ static inline __attribute__((always_inline)) void scores_prerope64(
 #if VW == 8
     for (; t + 8 <= nt; t += 8) {
         vf dv[MAXG][8];
-        for (int u = 0; u < 8; u++) {
-            vf d[MAXG];
+        for (int u = 0; u < 8; u++)
             key_dots64(k0 + (size_t)(t + u) * kstep, bits, perm, gbits, kbits, sv, zv, c + (size_t)(t + u) * 64,
-                       sn + (size_t)(t + u) * 64, qh, G, d);
-            for (int g = 0; g < G; g++) dv[g][u] = d[g];
-        }
+                       sn + (size_t)(t + u) * 64, qh, G, &dv[0][u], 8);
         for (int g = 0; g < G; g++) *(vf *)(sc + (size_t)g * L + t) = sum8(dv[g]) * scale;
     }
 #endif
     for (; t < nt; t++) {
         vf d[MAXG + 3];
         key_dots64(k0 + (size_t)t * kstep, bits, perm, gbits, kbits, sv, zv, c + (size_t)t * 64,
-                   sn + (size_t)t * 64, qh, G, d);
+                   sn + (size_t)t * 64, qh, G, d, 1);
         for (int g = G; g < G + 3; g++) d[g] = (vf){0};  /* hsum4's lanes past G */
         for (int g0 = 0; g0 < G; g0 += 4) {
             const int ng4 = G - g0 < 4 ? G - g0 : 4;
@@ -348,7 +368,7 @@ static inline __attribute__((always_inline)) void scores_post64(
         const uint16_t *kn, size_t knstep, int G, float scale, float *sc, int64_t L) {
     enum { NV = 64 / VW };
     int t = 0;
-#define DOTS(T, DV)                                                                        \
+#define DOTS(T, DV, DS)                                                                    \
     do {                                                                                   \
         const uint8_t *p = k0 + (size_t)(T) * kstep;                                       \
         vf x[NV];                                                                          \
@@ -360,15 +380,14 @@ static inline __attribute__((always_inline)) void scores_post64(
                 e += x[j] * *(const vf *)(qg + VW * j);                                    \
                 o += x[j + 1] * *(const vf *)(qg + VW * (j + 1));                          \
             }                                                                              \
-            DV[g] = e + o;                                                                 \
+            DV[(size_t)g * (DS)] = e + o;                                                  \
         }                                                                                  \
     } while (0)
 #if VW == 8
     for (; t + 8 <= nt; t += 8) {
-        vf dv[MAXG][8], d[MAXG], norm = (vf){0} + 1.f;
+        vf dv[MAXG][8], norm = (vf){0} + 1.f;
         for (int u = 0; u < 8; u++) {
-            DOTS(t + u, d);
-            for (int g = 0; g < G; g++) dv[g][u] = d[g];
+            DOTS(t + u, (&dv[0][u]), 8);
             if (kn) norm[u] = h2f(kn[(size_t)(t + u) * knstep]);
         }
         for (int g = 0; g < G; g++) *(vf *)(sc + (size_t)g * L + t) = (sum8(dv[g]) + c0[g]) * norm * scale;
@@ -376,7 +395,7 @@ static inline __attribute__((always_inline)) void scores_post64(
 #endif
     for (; t < nt; t++) {
         vf d[MAXG + 3];
-        DOTS(t, d);
+        DOTS(t, d, 1);
         for (int g = G; g < G + 3; g++) d[g] = (vf){0};
         const float norm = kn ? h2f(kn[(size_t)t * knstep]) : 1.f;
         for (int g0 = 0; g0 < G; g0 += 4) {
@@ -414,7 +433,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
     const int P = kperm ? kbytes : D * kbits / 8, PV = D * vbits / 8, ng = D / vgroup;
     /* the register paths: 64-channel heads at uniform widths of 2-4 bits, value groups of whole vectors */
     const int fastv = D == 64 && vbits >= 2 && vbits <= 4 && vgroup % VW == 0;
-    const int fusedv = fastv && vgroup % 32 == 0;  /* weigh_codes64 */
+    const int fusedv = fastv && vgroup % (2 * VW) == 0;  /* weigh_codes64 */
     int err = 0;
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int b = 0; b < B; b++)
@@ -517,7 +536,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                         float *ac[3];
                         for (int i = 0; i < nh; i++) pw[i] = sc + (size_t)(g0 + i) * L + t0, ac[i] = acc[g0 + i];
 #define WEIGH(B, NH) weigh_codes64(vc + tok0 * PV, (size_t)H * PV, B, nt, vgroup, vs, vz, tok0 * ng, (size_t)H * ng, \
-                                   s8_table, vzunit, pw, NH, ac)
+                                   s8_table, vzunit, pw, NH, ac, vbuf)
                         switch (vbits * 4 + nh) {  /* constant widths and head counts per copy */
                         case 9: WEIGH(2, 1); break;  case 10: WEIGH(2, 2); break;  case 11: WEIGH(2, 3); break;
                         case 13: WEIGH(3, 1); break; case 14: WEIGH(3, 2); break; case 15: WEIGH(3, 3); break;
@@ -588,6 +607,19 @@ void kivi_rotate_f32(float *x, long M, long stride, int H, int D, const float *R
     for (long m = 0; m < M; m++)
         for (int h = 0; h < H; h++) {
             float *xh = x + m * stride + (long)h * D;
+            if (D == 64) {  /* the same FMAs in the same order, the accumulators in registers (in
+                               memory, each FMA waited on the previous row's store: 2% of a decode
+                               step, on one thread) */
+                enum { NV = 64 / VW };
+                vf a[NV];
+                for (int j = 0; j < NV; j++) a[j] = (vf){0};
+                for (int i = 0; i < 64; i++) {
+                    const float xi = xh[i];
+                    for (int j = 0; j < NV; j++) a[j] += xi * *(const vf *)(R + (size_t)i * 64 + VW * j);
+                }
+                for (int j = 0; j < NV; j++) *(vf *)(xh + VW * j) = a[j];
+                continue;
+            }
             for (int j = 0; j < D; j++) acc[j] = 0.f;
             for (int i = 0; i < D; i++) {
                 const float xi = xh[i];
@@ -676,8 +708,9 @@ void kivi_quant_values(const float *x, long T, long stride, int H, int D, int vg
                     const double dlo = lo, dhi = hi;
                     double need = fmax(fmax((dhi - dlo) / qmax, -dlo / (128 * (double)zunit)),
                                        fmax(dlo / (127 * (double)zunit), (double)s8_table[0]));
-                    int sc = 0;
-                    while (sc < 255 && (double)s8_table[sc] < need) sc++;
+                    int sc = 0;  /* the first entry >= need (the table increases), else 255 */
+                    for (int step = 128; step; step >>= 1)
+                        if (sc + step <= 255 && (double)s8_table[sc + step - 1] < need) sc += step;
                     const float s = s8_table[sc];
                     double zd = nearbyint(dlo / ((double)s * zunit));
                     zd = zd < -128 ? -128 : zd > 127 ? 127 : zd;
