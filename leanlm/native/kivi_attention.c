@@ -154,27 +154,6 @@ static inline void load_row(const void *base, int bf16, size_t idx, int D, float
     else memcpy(out, (const float *)base + idx, sizeof(float) * D);
 }
 
-/* One token's 64 value codes of `bits` bits (a constant where inlined) -> vt, dequantized a
-   vector at a time in registers: v = s_g * code + z_g per group of vgroup channels (a multiple of
-   VW; groups of 32 or more take weigh_codes64 instead). Unpacking into memory and dequantizing
-   there with scalar-width loops read back what had just been stored at another width: a
-   store-forwarding stall per vector. */
-static inline __attribute__((always_inline)) void dequant_values64(
-        const uint8_t *p, const int bits, int vgroup, const void *vs, const void *vz, size_t g0,
-        const float *s8_table, float vzunit, float *vt) {
-    enum { NV = 64 / VW };
-    const int per = vgroup / VW;  /* vectors per scale group */
-    for (int c = 0, j = 0; j < NV; c++) {
-        float s, z;
-        scale_zero(vs, vz, g0 + c, s8_table, vzunit, &s, &z);
-        for (int k = 0; k < per; k++, j++) {
-            const uint8_t *pc = p + VW * bits / 8 * j;
-            const vf code = bits == 4 ? codes_4(pc) : bits == 3 ? codes_3(pc) : codes_2(pc);
-            *(vf *)(vt + VW * j) = code * s + z;
-        }
-    }
-}
-
 /* A block's quantized values (64 channels, `bits` a constant where inlined) weighed into the
    accumulators of up to 3 query heads (nh, a constant where inlined): acc[i] += sum_t p_i[t] v_t,
    without dequantizing into memory. v = s code + z per group of vgroup (a multiple of VW)
@@ -274,25 +253,34 @@ static inline float max_of(const float *p, int64_t L) {
     return m;
 }
 
-/* Token t's key, dequantized (x = s_c code + z_c) and rotated to its position (c, sn: its RoPE
-   rows), times each query head lane by lane: dv[g * ds] holds the VW partial sums of q_g . k. */
+/* Token t's key (codes p) times each query head, lane by lane: dv[g * ds] holds the VW partial
+   sums. Pre-RoPE keys (c, sn: the token's RoPE rows): the key dequantized (x = sv code + zv),
+   rotated to its position and dotted with q_g (rows qstride apart). Post-RoPE keys (c NULL): the
+   codes dotted with q_g s (per-block scales folded into q; the zeros' term is added later).
+   bits (a constant where inlined): 2-4 unpack VW codes at a time straight into registers; 0 goes
+   through unpack_key (kmix's mixed widths). */
 static inline __attribute__((always_inline)) void key_dots64(
         const uint8_t *p, const int bits, const int32_t *perm, const uint8_t *gbits, int kbits,
-        const vf *sv, const vf *zv, const float *c, const float *sn, const float *qh, int G, vf *dv, int ds) {
+        const vf *sv, const vf *zv, const float *c, const float *sn, const float *q, int qstride, int G,
+        vf *dv, int ds) {
     enum { NV = 64 / VW };
     vf x[NV], r[NV];
     if (bits)
-        for (int j = 0; j < NV; j++) x[j] = codes_row(p, bits, j) * sv[j] + zv[j];
+        for (int j = 0; j < NV; j++) x[j] = codes_row(p, bits, j);
     else {
         float buf[64];
         unpack_key(p, kbits, perm, gbits, 64, buf);
-        for (int j = 0; j < NV; j++) x[j] = *(const vf *)(buf + VW * j) * sv[j] + zv[j];
+        for (int j = 0; j < NV; j++) x[j] = *(const vf *)(buf + VW * j);
     }
-    /* rope_row: first half x1 cos + x2 sin, second half x2 cos + x1 sin (sin signed) */
-    for (int j = 0; j < NV; j++)
-        r[j] = x[j] * *(const vf *)(c + VW * j) + x[(j + NV / 2) % NV] * *(const vf *)(sn + VW * j);
+    if (c) {
+        for (int j = 0; j < NV; j++) x[j] = x[j] * sv[j] + zv[j];
+        /* rope_row: first half x1 cos + x2 sin, second half x2 cos + x1 sin (sin signed) */
+        for (int j = 0; j < NV; j++)
+            r[j] = x[j] * *(const vf *)(c + VW * j) + x[(j + NV / 2) % NV] * *(const vf *)(sn + VW * j);
+    } else
+        for (int j = 0; j < NV; j++) r[j] = x[j];
     for (int g = 0; g < G; g++) {  /* two chains of FMAs each: half the latency */
-        const float *qg = qh + g * 64;
+        const float *qg = q + (size_t)g * qstride;
         vf e = r[0] * *(const vf *)qg, o = r[1] * *(const vf *)(qg + VW);
         for (int j = 2; j < NV; j += 2) {
             e += r[j] * *(const vf *)(qg + VW * j);
@@ -323,88 +311,49 @@ static inline vf sum8(const vf *a) {
 }
 #endif
 
-/* Pre-RoPE keys, 64 channels: the scores of a block's nt tokens for the G query heads sharing the
-   KV head, each key dequantized, rotated to its position and dotted with every query head in
-   registers. bits (a constant where inlined): 2-4 unpack VW codes at a time straight into
-   registers; 0 goes through unpack_key (kmix's mixed widths, other widths). k0: the first token's
-   codes, kstep bytes apart; c, sn: the first token's RoPE rows; sc [G][L] from the block's first
-   token. With 8-float vectors, 8 tokens' partial sums are reduced together (sum8). */
-static inline __attribute__((always_inline)) void scores_prerope64(
+/* 64-channel keys: the scores of a block's nt tokens for the G query heads sharing the KV head,
+   (dots + c0[g]) * norm * scale with key_dots64's dots. k0: the first token's codes, kstep bytes
+   apart; pre-RoPE: s_c, z_c the block's key scales and zeros, c, sn the first token's RoPE rows,
+   c0 NULL; post-RoPE: c NULL, q = q s (rows MAXD apart), c0[g] = q_g . z, kn the first token's
+   norm (knstep apart) or NULL. sc [G][L] from the block's first token. With 8-float vectors, 8
+   tokens' partial sums are reduced together (sum8). */
+static inline __attribute__((always_inline)) void scores64(
         const uint8_t *k0, size_t kstep, const int bits, const int32_t *perm, const uint8_t *gbits,
         int kbits, int nt, const float *s_c, const float *z_c, const float *c, const float *sn,
-        const float *qh, int G, float scale, float *sc, int64_t L) {
+        const float *q, int qstride, const float *c0, const uint16_t *kn, size_t knstep, int G,
+        float scale, float *sc, int64_t L) {
     enum { NV = 64 / VW };
     vf sv[NV], zv[NV];
-    for (int j = 0; j < NV; j++) sv[j] = *(const vf *)(s_c + VW * j), zv[j] = *(const vf *)(z_c + VW * j);
+    if (c)
+        for (int j = 0; j < NV; j++) sv[j] = *(const vf *)(s_c + VW * j), zv[j] = *(const vf *)(z_c + VW * j);
     int t = 0;
-#if VW == 8
-    for (; t + 8 <= nt; t += 8) {
-        vf dv[MAXG][8];
-        for (int u = 0; u < 8; u++)
-            key_dots64(k0 + (size_t)(t + u) * kstep, bits, perm, gbits, kbits, sv, zv, c + (size_t)(t + u) * 64,
-                       sn + (size_t)(t + u) * 64, qh, G, &dv[0][u], 8);
-        for (int g = 0; g < G; g++) *(vf *)(sc + (size_t)g * L + t) = sum8(dv[g]) * scale;
-    }
-#endif
-    for (; t < nt; t++) {
-        vf d[MAXG + 3];
-        key_dots64(k0 + (size_t)t * kstep, bits, perm, gbits, kbits, sv, zv, c + (size_t)t * 64,
-                   sn + (size_t)t * 64, qh, G, d, 1);
-        for (int g = G; g < G + 3; g++) d[g] = (vf){0};  /* hsum4's lanes past G */
-        for (int g0 = 0; g0 < G; g0 += 4) {
-            const int ng4 = G - g0 < 4 ? G - g0 : 4;
-            const v4 sums = hsum4(d[g0], d[g0 + 1], d[g0 + 2], d[g0 + 3]) * scale;
-            for (int i = 0; i < ng4; i++) sc[(size_t)(g0 + i) * L + t] = sums[i];
-        }
-    }
-}
-
-/* Post-RoPE keys, 64 channels at uniform widths (bits a constant where inlined): the scores of a
-   block's nt tokens, (q_g s) . code + q_g . z (qs rows MAXD apart, c0), times the token's key
-   norm (kn: the first token's, knstep apart; NULL: 1) and the scale, with the codes in registers
-   and, with 8-float vectors, 8 tokens' sums reduced together as for pre-RoPE keys. */
-static inline __attribute__((always_inline)) void scores_post64(
-        const uint8_t *k0, size_t kstep, const int bits, int nt, const float *qs, const float *c0,
-        const uint16_t *kn, size_t knstep, int G, float scale, float *sc, int64_t L) {
-    enum { NV = 64 / VW };
-    int t = 0;
-#define DOTS(T, DV, DS)                                                                    \
-    do {                                                                                   \
-        const uint8_t *p = k0 + (size_t)(T) * kstep;                                       \
-        vf x[NV];                                                                          \
-        for (int j = 0; j < NV; j++) x[j] = codes_row(p, bits, j);                         \
-        for (int g = 0; g < G; g++) {                                                      \
-            const float *qg = qs + (size_t)g * MAXD;                                       \
-            vf e = x[0] * *(const vf *)qg, o = x[1] * *(const vf *)(qg + VW);              \
-            for (int j = 2; j < NV; j += 2) {                                              \
-                e += x[j] * *(const vf *)(qg + VW * j);                                    \
-                o += x[j + 1] * *(const vf *)(qg + VW * (j + 1));                          \
-            }                                                                              \
-            DV[(size_t)g * (DS)] = e + o;                                                  \
-        }                                                                                  \
-    } while (0)
+#define KEY(T, DV, DS) key_dots64(k0 + (size_t)(T) * kstep, bits, perm, gbits, kbits, sv, zv, \
+                                  c ? c + (size_t)(T) * 64 : NULL, c ? sn + (size_t)(T) * 64 : NULL, \
+                                  q, qstride, G, DV, DS)
 #if VW == 8
     for (; t + 8 <= nt; t += 8) {
         vf dv[MAXG][8], norm = (vf){0} + 1.f;
         for (int u = 0; u < 8; u++) {
-            DOTS(t + u, (&dv[0][u]), 8);
+            KEY(t + u, &dv[0][u], 8);
             if (kn) norm[u] = h2f(kn[(size_t)(t + u) * knstep]);
         }
-        for (int g = 0; g < G; g++) *(vf *)(sc + (size_t)g * L + t) = (sum8(dv[g]) + c0[g]) * norm * scale;
+        for (int g = 0; g < G; g++)
+            *(vf *)(sc + (size_t)g * L + t) = (sum8(dv[g]) + (c0 ? c0[g] : 0.f)) * norm * scale;
     }
 #endif
     for (; t < nt; t++) {
         vf d[MAXG + 3];
-        DOTS(t, d, 1);
-        for (int g = G; g < G + 3; g++) d[g] = (vf){0};
+        KEY(t, d, 1);
+        for (int g = G; g < G + 3; g++) d[g] = (vf){0};  /* hsum4's lanes past G */
         const float norm = kn ? h2f(kn[(size_t)t * knstep]) : 1.f;
         for (int g0 = 0; g0 < G; g0 += 4) {
             const int ng4 = G - g0 < 4 ? G - g0 : 4;
             const v4 sums = hsum4(d[g0], d[g0 + 1], d[g0 + 2], d[g0 + 3]);
-            for (int i = 0; i < ng4; i++) sc[(size_t)(g0 + i) * L + t] = (sums[i] + c0[g0 + i]) * norm * scale;
+            for (int i = 0; i < ng4; i++)
+                sc[(size_t)(g0 + i) * L + t] = (sums[i] + (c0 ? c0[g0 + i] : 0.f)) * norm * scale;
         }
     }
-#undef DOTS
+#undef KEY
 }
 
 /* q [B, Hq, D] float32; tables [B, nblk] block ids; lens [B] tokens each query attends to;
@@ -431,9 +380,8 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
     const int G = Hq / H;
     if (D > MAXD || G > MAXG || G * H != Hq || D % vgroup || D % 8) return -1;
     const int P = kperm ? kbytes : D * kbits / 8, PV = D * vbits / 8, ng = D / vgroup;
-    /* the register paths: 64-channel heads at uniform widths of 2-4 bits, value groups of whole vectors */
-    const int fastv = D == 64 && vbits >= 2 && vbits <= 4 && vgroup % VW == 0;
-    const int fusedv = fastv && vgroup % (2 * VW) == 0;  /* weigh_codes64 */
+    /* values in registers (weigh_codes64): 64-channel heads at 2-4 bits, groups of whole slices */
+    const int fusedv = D == 64 && vbits >= 2 && vbits <= 4 && vgroup % (2 * VW) == 0;
     int err = 0;
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int b = 0; b < B; b++)
@@ -474,12 +422,15 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     const size_t kstep = (size_t)H * P;
                     const float *c = rope_cos + (size_t)t0 * 64, *sn = rope_sin + (size_t)t0 * 64;
                     float *s0 = sc + t0;
+#define PRE(B, PERM, GB) scores64(k0, kstep, B, PERM, GB, kbits, nt, s_c, z_c, c, sn, qh, 64, NULL, NULL, 0, G, \
+                                     scale, s0, L)
                     switch (hperm ? 0 : kbits) {  /* a constant width per copy; 0: unpack_key */
-                    case 2: scores_prerope64(k0, kstep, 2, NULL, NULL, kbits, nt, s_c, z_c, c, sn, qh, G, scale, s0, L); break;
-                    case 3: scores_prerope64(k0, kstep, 3, NULL, NULL, kbits, nt, s_c, z_c, c, sn, qh, G, scale, s0, L); break;
-                    case 4: scores_prerope64(k0, kstep, 4, NULL, NULL, kbits, nt, s_c, z_c, c, sn, qh, G, scale, s0, L); break;
-                    default: scores_prerope64(k0, kstep, 0, hperm, hgbits, kbits, nt, s_c, z_c, c, sn, qh, G, scale, s0, L);
+                    case 2: PRE(2, NULL, NULL); break;
+                    case 3: PRE(3, NULL, NULL); break;
+                    case 4: PRE(4, NULL, NULL); break;
+                    default: PRE(0, hperm, hgbits);
                     }
+#undef PRE
                     continue;
                 }
                 if (rope_cos) {  /* dequantize, rotate to the position, then the dots */
@@ -504,11 +455,14 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 if (D == 64 && !hperm && kbits >= 2 && kbits <= 4) {  /* in registers */
                     const size_t tok0 = (size_t)block * bs * H + h;
                     const uint16_t *kn0 = kn ? kn + tok0 : NULL;
+#define POST(B) scores64(kc + tok0 * P, (size_t)H * P, B, NULL, NULL, kbits, nt, NULL, NULL, NULL, NULL, qs[0], \
+                              MAXD, c0, kn0, H, G, scale, sc + t0, L)
                     switch (kbits) {  /* a constant width per copy */
-                    case 2: scores_post64(kc + tok0 * P, (size_t)H * P, 2, nt, qs[0], c0, kn0, H, G, scale, sc + t0, L); break;
-                    case 3: scores_post64(kc + tok0 * P, (size_t)H * P, 3, nt, qs[0], c0, kn0, H, G, scale, sc + t0, L); break;
-                    default: scores_post64(kc + tok0 * P, (size_t)H * P, 4, nt, qs[0], c0, kn0, H, G, scale, sc + t0, L);
+                    case 2: POST(2); break;
+                    case 3: POST(3); break;
+                    default: POST(4);
                     }
+#undef POST
                     continue;
                 }
                 for (int t = 0; t < nt; t++) {
@@ -552,12 +506,6 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     float *vt = vbuf + (size_t)t * D;
                     const size_t tok = ((size_t)block * bs + t) * H + h;
                     if (row >= 0) load_row(rv, res_bf16, (((size_t)row * bs + t) * H + h) * D, D, vt);
-                    else if (fastv)
-                        switch (vbits) {  /* a constant width per copy */
-                        case 2: dequant_values64(vc + tok * PV, 2, vgroup, vs, vz, tok * ng, s8_table, vzunit, vt); break;
-                        case 3: dequant_values64(vc + tok * PV, 3, vgroup, vs, vz, tok * ng, s8_table, vzunit, vt); break;
-                        default: dequant_values64(vc + tok * PV, 4, vgroup, vs, vz, tok * ng, s8_table, vzunit, vt);
-                        }
                     else {
                         unpack(vc + tok * PV, vbits, D, vt);
                         for (int c = 0; c < ng; c++) {
