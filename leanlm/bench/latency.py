@@ -116,7 +116,7 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repeats: int = 5
     }
     from leanlm.bench.perplexity import kv_footprint
 
-    report["kv"], report["kv_bytes_per_token"], report["kv_compression"] = kv_footprint(llm)
+    report["kv"], report["kv_bytes_per_token"], report["kv_compression"] = kv_footprint(llm, tg_len)
     if vs is not None:
         theirs = runs[vs]
         report["peer"] = {"name": vs, f"{pp}_tps": statistics.median(theirs["pp"]),

@@ -32,7 +32,7 @@ class PerplexityResult:
     dtype: str = ""
     kv: str = ""                    # the KV codec's spec ('plain': the compute dtype)
     kv_bytes_per_token: float = 0   # all layers, K and V, scales included
-    kv_compression: float = 0       # bf16 bytes per token / kv_bytes_per_token
+    kv_compression: float = 0       # bf16 bytes of a ctx-token sequence / the bytes the cache holds for it
 
     def to_json(self) -> dict:
         keys = ("ppl", "tokens", "ctx", "model", "dtype", "windows", "chunk", "seconds",
@@ -99,15 +99,17 @@ def perplexity(llm, token_ids: list[int], ctx: int = 2048, chunk: int | None = N
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    kv, kv_bytes, compression = kv_footprint(llm)
+    kv, kv_bytes, compression = kv_footprint(llm, ctx)
     return PerplexityResult(ppl=math.exp(nll_sum / count), tokens=count, ctx=ctx, windows=len(windows),
                             chunk=chunk, seconds=seconds, nll_sum=nll_sum,
                             dtype=dtype_name(llm.engine.config.torch_dtype),
                             kv=kv, kv_bytes_per_token=kv_bytes, kv_compression=compression)
 
 
-def kv_footprint(llm) -> tuple[str, float, float]:
-    """(codec spec, bytes per token, compression vs a bf16 cache) of `llm`'s KV cache."""
+def kv_footprint(llm, context: int | None = None) -> tuple[str, float, float]:
+    """(codec spec, bytes per token, compression vs a bf16 cache) of `llm`'s KV cache. With
+    eviction (kv stream:...) a sequence holds fewer tokens than it has: the compression is then
+    that of a `context`-token sequence (bf16 bytes of all its tokens / the bytes of those held)."""
     import torch
 
     from leanlm.kv.codecs import PlainCodec
@@ -116,7 +118,9 @@ def kv_footprint(llm) -> tuple[str, float, float]:
     bf16 = PlainCodec.bytes_per_token_for(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.bfloat16)
     spec = getattr(getattr(cache, "codec", None), "spec", "plain")
     per_token = cache.bytes_per_token()
-    return spec, per_token, round(bf16 / per_token, 4)
+    held = getattr(cache, "held_tokens", None)
+    ratio = context / held(context) if context and held is not None else 1.0
+    return spec, per_token, round(bf16 / per_token * ratio, 4)
 
 
 def model_name(args_model: str | None) -> str:

@@ -171,9 +171,12 @@ def kv_capacity(llm, tokens_per_seq: float) -> dict:
     and how many sequences of `tokens_per_seq` tokens fit at once (at most max_num_seqs)."""
     from leanlm.bench.perplexity import kv_footprint
 
-    kv, per_token, compression = kv_footprint(llm)
+    kv, per_token, compression = kv_footprint(llm, round(tokens_per_seq))
     used, free, block = llm.engine.cache.usage()
     capacity = (used + free) * block
+    held = getattr(llm.engine.cache, "held_tokens", None)  # fewer with eviction (kv stream:...)
+    if held is not None:
+        tokens_per_seq = held(round(tokens_per_seq))
     codec = getattr(llm.engine.cache, "codec", None)
     return {"kv": kv, "kv_bytes_per_token": per_token, "kv_compression": compression,
             "kv_cache_bytes": codec.allocated_bytes() if codec is not None else None,

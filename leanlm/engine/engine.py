@@ -157,12 +157,18 @@ class LLMEngine:
         probe = codec(1)  # what a block costs, and the fixed part (KIVI's residual pool)
         bytes_per_token, fixed = probe.bytes_per_token(), probe.fixed_bytes()
         del probe
+        spec = cfg.kv_spec
+        stream = None  # eviction: (window, sink) tokens; a sequence then holds at most seat_tokens
+        seat_tokens = self.max_model_len
+        if spec is not None and spec.window:
+            stream = (spec.window, bs if spec.stream_sink is None else spec.stream_sink)
+            seat_tokens = min(seat_tokens, stream[0] + stream[1] + bs)
         budget = kv_budget_bytes(cfg.kv_cache_bytes, device)
         # never more than every seat filled to the context (tiny models get tiny pools)
-        needed = cfg.max_num_seqs * (-(-self.max_model_len // bs) + 1)
+        needed = cfg.max_num_seqs * (-(-seat_tokens // bs) + 1)
         num_blocks = min(int(max(0, budget - fixed) // (bs * bytes_per_token)), needed)
         capacity = num_blocks * bs
-        if capacity < self.max_model_len:
+        if capacity < seat_tokens:
             if cfg.max_model_len is not None or capacity < 2 * bs:
                 raise ValueError(
                     f"the KV cache budget ({budget / 2**20:.1f} MiB, {num_blocks} blocks of {bs} tokens at "
@@ -170,8 +176,11 @@ class LLMEngine:
                     f"{self.max_model_len}; raise kv_cache_memory or lower max_model_len")
             log.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
             self.max_model_len = capacity
-        return PagedKVCache(codec(num_blocks), num_blocks, bs, device, mc.num_kv_heads, mc.sliding_window,
-                            cfg.enable_prefix_caching, salt=str(self.model_path))
+        store = codec(num_blocks)
+        if stream is not None:
+            store.spec = str(spec)  # reports (and prefix hashes) name the eviction too
+        return PagedKVCache(store, num_blocks, bs, device, mc.num_kv_heads, mc.sliding_window,
+                            cfg.enable_prefix_caching, salt=str(self.model_path), stream=stream)
 
     # -- requests ------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

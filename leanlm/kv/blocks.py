@@ -45,10 +45,13 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+EVICTED = -1  # a table entry whose block was freed by eviction (kv spec stream:...): attention skips it
+
+
 @dataclass
 class BlockTable:
     """One sequence's KV blocks."""
-    blocks: list[int] = field(default_factory=list)   # physical block ids, in order
+    blocks: list[int] = field(default_factory=list)   # physical block ids, in order (EVICTED: freed)
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of the leading full blocks
 
 
@@ -156,7 +159,7 @@ class BlockManager:
         for i in range(len(table.hashes), num_full):
             h = _chain_hash(prev, token_ids[i * bs:(i + 1) * bs])
             block = table.blocks[i]
-            if h not in self._cached:
+            if h not in self._cached and block != EVICTED:
                 self._cached[h] = block
                 self._block_hash[block] = h
             # else: another sequence computed the same block concurrently; keep the existing
@@ -167,18 +170,24 @@ class BlockManager:
     def free(self, table: BlockTable) -> None:
         """Drop the table's references. Tail first, so tails are evicted before shareable heads."""
         for block in reversed(table.blocks):
-            if self._ref[block] <= 0:
-                raise RuntimeError(f"freeing block {block} whose ref_count is {self._ref[block]} "
-                                   "(table freed twice without clearing, or shared without a ref)")
-            self._ref[block] -= 1
-            if self._ref[block] == 0:
-                self._num_used -= 1
-                if self._block_hash[block] is not None:
-                    self._evictable[block] = None  # most recently freed last
-                else:
-                    heapq.heappush(self._free, block)
+            if block != EVICTED:
+                self._drop(block)
         table.blocks.clear()
         table.hashes.clear()
+
+    def evict(self, table: BlockTable, first: int, end: int) -> list[int]:
+        """Free the table's blocks first..end-1 (tokens no query will see again), leaving EVICTED
+        in their places so the others keep their positions. Hashed blocks stay in the prefix
+        cache (evictable), so a later request with the same prefix can still take them back.
+        Returns the block ids freed by this table."""
+        dropped = []
+        for i in range(first, min(end, len(table.blocks))):
+            block = table.blocks[i]
+            if block != EVICTED:
+                self._drop(block)
+                table.blocks[i] = EVICTED
+                dropped.append(block)
+        return dropped
 
     def truncate(self, table: BlockTable, num_tokens: int) -> list[int]:
         """Speculative rollback: keep only the blocks the first num_tokens tokens need, dropping
@@ -201,7 +210,8 @@ class BlockManager:
         """A new table sharing the full hashed blocks of `table` (e.g. for n > 1 samples)."""
         n = len(table.hashes)
         for block in table.blocks[:n]:
-            self._take(block)
+            if block != EVICTED:
+                self._take(block)
         return BlockTable(blocks=table.blocks[:n], hashes=table.hashes[:n])
 
     def reset_prefix_cache(self) -> bool:
@@ -216,6 +226,19 @@ class BlockManager:
         return True
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _drop(self, block: int) -> None:
+        """Remove a reference; at ref 0 a hashed block becomes evictable, others free."""
+        if self._ref[block] <= 0:
+            raise RuntimeError(f"freeing block {block} whose ref_count is {self._ref[block]} "
+                               "(table freed twice without clearing, or shared without a ref)")
+        self._ref[block] -= 1
+        if self._ref[block] == 0:
+            self._num_used -= 1
+            if self._block_hash[block] is not None:
+                self._evictable[block] = None  # most recently freed last
+            else:
+                heapq.heappush(self._free, block)
 
     def _take(self, block: int) -> None:
         """Add a reference; a block leaving ref 0 leaves the evictable LRU."""

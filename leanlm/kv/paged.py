@@ -5,6 +5,11 @@ Per step, `prepare` turns every sequence's block table into a slot mapping (wher
 token's K/V goes) and, for decodes, a padded block-table tensor; per layer, `attend` writes the
 new K/V through the codec and attends over the sequence's blocks. A sequence whose blocks are
 physically adjacent (a lone stream in a fresh pool) is read as a view, with no gather copy.
+
+With eviction (`--kv stream:WINDOW[:sinkS]+CODEC`, StreamingLLM's attention sinks plus a recent
+window, at block granularity) a query in block i sees blocks 0..S/bs-1 and i-WINDOW/bs..i, and
+`prepare` frees each sequence's older blocks (EVICTED in its table): every block keeps its place,
+so positions (pre-RoPE keys, masks) are unchanged and a kernel only skips the EVICTED entries.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from leanlm.kv.blocks import BlockManager, BlockTable
+from leanlm.kv.blocks import EVICTED, BlockManager, BlockTable
 from leanlm.kv.cache import KVCache, SeqSlice, decode_attention, decode_mask, prefill_mask
 from leanlm.kv.codecs import KVCodec
 from leanlm.native import kivi as native_kivi
@@ -83,7 +88,7 @@ def _length_groups(seqs: list[SeqSlice]) -> list[list[SeqSlice]]:
 def _adjacent_start(blocks: list[int], nblk: int, block_size: int) -> int | None:
     """First slot of blocks[:nblk] when those blocks are consecutive ids, else None."""
     b0 = blocks[0]
-    if blocks[nblk - 1] - b0 == nblk - 1 and blocks[:nblk] == list(range(b0, b0 + nblk)):
+    if b0 >= 0 and blocks[nblk - 1] - b0 == nblk - 1 and blocks[:nblk] == list(range(b0, b0 + nblk)):
         return b0 * block_size
     return None
 
@@ -91,8 +96,17 @@ def _adjacent_start(blocks: list[int], nblk: int, block_size: int) -> int | None
 class PagedKVCache(KVCache):
     def __init__(self, codec: KVCodec, num_blocks: int, block_size: int, device: torch.device,
                  num_kv_heads: int, sliding_window: int | None = None,
-                 enable_prefix_caching: bool = True, salt: str = ""):
+                 enable_prefix_caching: bool = True, salt: str = "", stream: tuple[int, int] | None = None):
         self.codec, self.block_size, self.device = codec, block_size, torch.device(device)
+        # eviction: (window, sink) in tokens -> in blocks; None keeps every token
+        self.stream = None
+        if stream is not None:
+            window, sink = stream
+            for name, n in (("WINDOW", window), ("sink", sink)):
+                if n < 0 or n % block_size or name == "WINDOW" and n == 0:
+                    raise ValueError(f"kv spec stream: {name} {n} must be a positive multiple of the block size "
+                                     f"{block_size} (blocks are evicted whole){' or 0' if name == 'sink' else ''}")
+            self.stream = (window // block_size, sink // block_size)
         self.num_kv_heads, self.window = num_kv_heads, sliding_window
         # the codec's spec is part of every prefix hash: blocks stored differently never match
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, salt=f"{salt}|{codec.spec}")
@@ -154,8 +168,46 @@ class PagedKVCache(KVCache):
         return self.codec.bytes_per_token()
 
     # -- one step ----------------------------------------------------------------------------------
+    def held_tokens(self, length: int) -> int:
+        """Token slots a sequence of `length` tokens holds (all of them without eviction)."""
+        if self.stream is None:
+            return length
+        window, sink = self.stream
+        return min(length, (window + sink + 1) * self.block_size)
+
+    def _seen_from(self, pos: int) -> int:
+        """First block after the sinks that a query at position pos still sees (stream only)."""
+        return pos // self.block_size - self.stream[0]
+
+    def _row_view(self, blocks: list[int], pos: int) -> list[int]:
+        """A query's view of its table: with eviction, the blocks it must not see are EVICTED too
+        (a later row of a chunk sees less than the chunk's first, for which prepare evicted)."""
+        if self.stream is None:
+            return blocks
+        sink, first = self.stream[1], self._seen_from(pos)
+        if first <= sink:
+            return blocks
+        return blocks[:sink] + [EVICTED] * (min(first, len(blocks)) - sink) + blocks[first:]
+
+    def _stream_mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+        """[R, kv_len] bool: which cached tokens each query (positions pos [R]) may see, causal and
+        sink + window; None when nothing is hidden beyond causality."""
+        if self.stream is None:
+            return None
+        window, sink = self.stream
+        if int(pos.max()) // self.block_size - window <= sink:
+            return None
+        j = torch.arange(kv_len, device=self.device)
+        jb, qb = j // self.block_size, pos.unsqueeze(1) // self.block_size
+        return (j <= pos.unsqueeze(1)) & ((jb < sink) | (jb >= qb - window))
+
     def prepare(self, seqs: list[SeqSlice]) -> PagedContext:
         bs = self.block_size
+        if self.stream is not None:  # free what no query of this step (nor any later) will see
+            for s in seqs:
+                dropped = self.blocks.evict(s.kv, self.stream[1], self._seen_from(s.start))
+                if dropped:
+                    self.codec.release(dropped)
         slots: list[int] = []
         for s in seqs:
             blocks = s.kv.blocks
@@ -182,13 +234,17 @@ class PagedKVCache(KVCache):
             # chunk sees exactly what later tokens will see (chunk 1 == token-by-token decoding)
             if s.start > 0 or not self.codec.exact:
                 first = _adjacent_start(s.kv.blocks, nblk, bs)
-                if first is None:
-                    blocks = torch.tensor([s.kv.blocks[:nblk]], dtype=torch.long, device=self.device)
-            p = _Prefill(s.start, s.n, s.q_offset, first, blocks,
-                         prefill_mask(s.start, s.n, self.window, self.device))
+                if first is None:  # (EVICTED entries read block 0, which the mask hides)
+                    blocks = torch.tensor([[max(b, 0) for b in s.kv.blocks[:nblk]]], dtype=torch.long,
+                                          device=self.device)
+            mask = prefill_mask(s.start, s.n, self.window, self.device)
+            seen = self._stream_mask(torch.arange(s.start, end, device=self.device), end)
+            if seen is not None:
+                mask = seen if mask is None else mask & seen
+            p = _Prefill(s.start, s.n, s.q_offset, first, blocks, mask)
             if self.fused_rows and not row_wise and s.n <= FUSED_ROWS_MAX:  # beside a long chunk
-                table = torch.tensor(s.kv.blocks[:nblk], dtype=torch.long, device=self.device)
-                p.fused_tables = table.expand(s.n, nblk).contiguous()
+                p.fused_tables = torch.tensor([self._row_view(s.kv.blocks[:nblk], pos) for pos in range(s.start, end)],
+                                              dtype=torch.long, device=self.device)
                 p.fused_lens = torch.arange(s.start + 1, end + 1, device=self.device)
             ctx.prefills.append(p)
         self.codec.plan_step(seqs, ctx.slot_mapping)
@@ -203,7 +259,7 @@ class PagedKVCache(KVCache):
         for s in ctx.seqs:
             row = s.kv.blocks[:nblk]
             row = row + [0] * (nblk - len(row))
-            tables.extend([row] * s.n)
+            tables.extend(self._row_view(row, pos) for pos in range(s.start, s.start + s.n))
             lens.extend(range(s.start + 1, s.start + s.n + 1))
         ctx.row_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
         ctx.row_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
@@ -220,10 +276,14 @@ class PagedKVCache(KVCache):
             rows = torch.tensor(offsets, dtype=torch.long, device=self.device)
         first = _adjacent_start(group[0].kv.blocks, nblk, bs) if len(group) == 1 else None
         tables = None
-        if first is None:
+        if first is None:  # EVICTED entries stay for the fused kernels (they skip them)
             padded = [s.kv.blocks[:nblk] + [0] * (nblk - min(nblk, len(s.kv.blocks))) for s in group]
             tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-        dg = _DecodeGroup(rows, kv_len, first, tables, decode_mask(lens, self.window, self.device))
+        mask = decode_mask(lens, self.window, self.device)
+        seen = self._stream_mask(torch.tensor(lens, device=self.device) - 1, kv_len)
+        if seen is not None:  # [B, kv_len] -> [B, 1, 1, kv_len], as decode_mask's
+            mask = seen[:, None, None, :] if mask is None else mask & seen[:, None, None, :]
+        dg = _DecodeGroup(rows, kv_len, first, tables, mask)
         if fused:
             dg.fused_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
             dg.fused_tables = tables if tables is not None else torch.arange(
@@ -255,8 +315,8 @@ class PagedKVCache(KVCache):
             if d.first_slot is not None:
                 keys, values = self.codec.read_slots(layer, d.first_slot, d.kv_len)
                 keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
-            else:
-                keys, values = self.codec.read_blocks(layer, d.block_tables)
+            else:  # (EVICTED entries read block 0, which the mask hides)
+                keys, values = self.codec.read_blocks(layer, d.block_tables.clamp(min=0))
                 keys = keys[:, :d.kv_len].transpose(1, 2)
                 values = values[:, :d.kv_len].transpose(1, 2)
             out[d.rows] = decode_attention(q[d.rows], keys, values, d.mask)

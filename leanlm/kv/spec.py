@@ -29,6 +29,11 @@
     xquant:BITS[:gG][:cl]              XQuant: the SVD latent of [K_pre | V] (or, with cl, deltas of
                                        the residual stream between layers), BITS 8, 4, 3 or 2, per
                                        token over groups of G channels (default 32)
+    stream:WINDOW[:sinkS][+INNER]      StreamingLLM-style eviction on top of any codec INNER (default bf16):
+                                       a query in block i sees the first S tokens (default: one block)
+                                       and the WINDOW tokens before its own block (WINDOW, S multiples
+                                       of the block size); older blocks are freed, so a sequence holds
+                                       at most S + WINDOW + one block of tokens however long it grows
     minicache[:START][:T][:GAMMA][+INNER]
                                        MiniCache: layers START.. (default: the middle) merged in
                                        adjacent pairs (SLERP factor T, default 0.6; tokens with
@@ -38,14 +43,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ALLOWED = ("fp16, bf16, fp32, fp8:e4m3, fp8:e5m2, kivi:BITS[:gG][:rR][:sinkS][:vVBITS][:cC][:s8][:prerope][:rotate][:ktok|:knorm][:kmix] "
            "(BITS, VBITS 8, 4, 3 or 2; R, S multiples of G, R >= G; s8: 8-bit value scales and zeros; "
            "prerope: keys cached before RoPE; kmix: BITS the average of per-channel key bits, e.g. "
            "kivi:3.5:g128:v4:c64:s8:prerope:rotate:kmix), "
            "bfp:MANTISSA[:bBLOCK][:reorder] (MANTISSA 2..16), xquant:BITS[:gG][:cl] (BITS 8, 4, 3 or 2), "
-           "minicache[:START][:T][:GAMMA][+INNER] (T, GAMMA in [0, 1]; INNER one of the above but xquant)")
+           "minicache[:START][:T][:GAMMA][+INNER] (T, GAMMA in [0, 1]; INNER one of the above but xquant), "
+           "stream:WINDOW[:sinkS][+INNER] (WINDOW, S tokens, multiples of the block size; INNER any of the above)")
 PLAIN = ("fp16", "bf16", "fp32")
 FP8 = ("e4m3", "e5m2")
 KIVI_BITS = (8, 4, 3, 2)
@@ -77,6 +83,8 @@ class KVSpec:
     t: float = 0.6               # minicache: SLERP factor
     gamma: float = 0.05          # minicache: retention threshold (angular distance / pi)
     inner: "KVSpec | None" = None  # minicache: how the merged directions are stored
+    window: int = 0              # stream: tokens before a query's block it still sees (0: no eviction)
+    stream_sink: int | None = None  # stream: first tokens always seen (None: one block)
 
     @classmethod
     def parse(cls, text: str) -> "KVSpec":
@@ -84,7 +92,9 @@ class KVSpec:
             raise ValueError(f"kv spec must be a string, got {text!r}; allowed: {ALLOWED}")
         head, plus, rest = text.strip().lower().partition("+")
         try:
-            if head.split(":")[0] == "minicache":
+            if head.split(":")[0] == "stream":
+                spec = cls._stream(head.split(":")[1:], cls.parse(rest or "bf16") if plus else cls("plain", dtype="bf16"))
+            elif head.split(":")[0] == "minicache":
                 spec = cls._minicache(head.split(":")[1:], cls.parse(rest or "bf16") if plus else cls("plain", dtype="bf16"))
             else:
                 spec = cls._parse(text.strip().lower().split(":"))
@@ -95,7 +105,19 @@ class KVSpec:
         return spec
 
     @classmethod
+    def _stream(cls, opts: list[str], inner: "KVSpec") -> "KVSpec":
+        if inner.window:
+            raise ValueError(f"stream appears twice ({inner})")
+        if not opts or not re.fullmatch(r"\d+", opts[0]) or int(opts[0]) < 1:
+            raise ValueError(f"stream needs WINDOW, a number of tokens >= 1 (got {':'.join(opts) or 'nothing'})")
+        if len(opts) > 2 or len(opts) == 2 and not re.fullmatch(r"sink\d+", opts[1]):
+            raise ValueError(f"stream options {opts[1:]}: expected only sinkS (S tokens always seen)")
+        return replace(inner, window=int(opts[0]), stream_sink=int(opts[1][4:]) if len(opts) == 2 else None)
+
+    @classmethod
     def _minicache(cls, opts: list[str], inner: "KVSpec") -> "KVSpec":
+        if inner.window:
+            raise ValueError(f"stream evicts blocks of the whole cache: write it first (stream:W+minicache+...), not inside ({inner})")
         if inner.kind in ("minicache", "xquant"):
             raise ValueError(f"minicache stores its directions with a per-layer codec, not {inner}")
         if inner.prerope:
@@ -169,6 +191,9 @@ class KVSpec:
         return None
 
     def __str__(self) -> str:
+        if self.window:
+            sink = f":sink{self.stream_sink}" if self.stream_sink is not None else ""
+            return f"stream:{self.window}{sink}+{replace(self, window=0, stream_sink=None)}"
         if self.kind == "minicache":
             return ("minicache" + (f":{self.start}" if self.start is not None else "")
                     + f":{self.t:g}:{self.gamma:g}+{self.inner}")

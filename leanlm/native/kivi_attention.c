@@ -356,7 +356,8 @@ static inline __attribute__((always_inline)) void scores64(
 #undef KEY
 }
 
-/* q [B, Hq, D] float32; tables [B, nblk] block ids; lens [B] tokens each query attends to;
+/* q [B, Hq, D] float32; tables [B, nblk] block ids (negative: evicted, skipped); lens [B] tokens
+   each query attends to (evicted blocks' tokens included);
    kc [blocks, bs, H, D*kbits/8], ks/kz [blocks, 1, H, D] fp16, kn [blocks, bs, H] fp16 or NULL,
    vc [blocks, bs, H, D*vbits/8], vs/vz [blocks, bs, H, D/vgroup] fp16;
    with s8_table (not NULL), vs are uint8 codes into it and vz int8 zeros in units of vzunit
@@ -395,8 +396,14 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
             float qs[MAXG][MAXD], c0[MAXG], buf[MAXD], acc[MAXG][MAXD], sum[MAXG];
             const float *qh = q + ((size_t)b * Hq + (size_t)h * G) * D;
             for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {   /* scores */
-                const int64_t block = tables[(size_t)b * nblk + blk], row = res_row[block];
+                const int64_t block = tables[(size_t)b * nblk + blk];
                 const int nt = L - t0 < bs ? (int)(L - t0) : bs;
+                if (block < 0) {  /* evicted (kv stream:...): its tokens get no weight */
+                    for (int g = 0; g < G; g++)
+                        for (int t = 0; t < nt; t++) sc[(size_t)g * L + t0 + t] = -INFINITY;
+                    continue;
+                }
+                const int64_t row = res_row[block];
                 if (row >= 0) {
                     for (int t = 0; t < nt; t++) {
                         load_row(rk, res_bf16, (((size_t)row * bs + t) * H + h) * D, D, buf);
@@ -480,7 +487,9 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 for (int d = 0; d < D; d++) acc[g][d] = 0.f;
             }
             for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {   /* values */
-                const int64_t block = tables[(size_t)b * nblk + blk], row = res_row[block];
+                const int64_t block = tables[(size_t)b * nblk + blk];
+                if (block < 0) continue;  /* evicted: zero weight */
+                const int64_t row = res_row[block];
                 const int nt = L - t0 < bs ? (int)(L - t0) : bs;
                 if (row < 0 && fusedv) {  /* codes straight into the heads' accumulators */
                     const size_t tok0 = ((size_t)block * bs) * H + h;

@@ -138,6 +138,7 @@ static inline __attribute__((always_inline)) void weighted_values(
     for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
         const int n = L - t0 < bs ? L - t0 : bs;
         const size_t vb = ((size_t)tab[b] * bs * Hkv + h) * D;
+        if (tab[b] < 0) continue;  /* evicted */
         for (int i = 0; i < n; i++) {
             const size_t vv = vb + (size_t)i * Hkv * D;
             const float wt = w[t0 + i];
@@ -151,7 +152,7 @@ static inline __attribute__((always_inline)) void weighted_values(
 /* Attention of R query rows over a paged cache, each row on its own context:
    q [R, Hq, D] (rows q_stride floats apart); kc, vc [slots, Hkv, D], float32, or bfloat16 when
    `bf16` (widened exactly as it is read); row r attends to the first lens[r] tokens of the blocks
-   tables[r, :] (slot = block * bs + offset); out [R, Hq, D]. The G = Hq / Hkv query heads of a KV
+   tables[r, :] (slot = block * bs + offset; a negative block id: evicted, its tokens skipped); out [R, Hq, D]. The G = Hq / Hkv query heads of a KV
    head share its keys (GQA) and are scored together, each key read once. Softmax in float32 with
    the max subtracted, as SDPA. */
 int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, int D,
@@ -176,6 +177,11 @@ int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, i
             /* scores: token by token, block by block (no division per token) */
             for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
                 const int n = L - t0 < bs ? L - t0 : bs;
+                if (tab[b] < 0) {  /* evicted (kv stream:...): its tokens get no weight */
+                    for (int g = 0; g < G; g++)
+                        for (int i = 0; i < n; i++) p[(size_t)g * L + t0 + i] = -INFINITY;
+                    continue;
+                }
                 const size_t kb = ((size_t)tab[b] * bs * Hkv + h) * D;
                 for (int i = 0; i < n; i++) {
                     const size_t kv = kb + (size_t)i * Hkv * D;
@@ -210,6 +216,7 @@ int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, i
                     for (int i = 0; i < D; i++) o[i] = 0.f;
                     for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
                         const int n = L - t0 < bs ? L - t0 : bs;
+                        if (tab[b] < 0) continue;
                         const size_t vb = ((size_t)tab[b] * bs * Hkv + h) * D;
                         for (int i = 0; i < n; i++)
                             for (int d = 0; d < D; d++) o[d] += pg[t0 + i] * load1(vc, vb + (size_t)i * Hkv * D + d, bf16);

@@ -51,7 +51,10 @@ def run(path, kv, dtype, monkeypatch, native_on: bool):
     ("kivi:4:g16:prerope", "float32"), ("kivi:3:g16:v3:c16:s8:prerope:rotate", "float32"),
     ("kivi:2:g16:r48:sink16:prerope", "float32"), ("kivi:4:g16:prerope", "bfloat16"),
     # kmix: key channels at calibrated mixed widths
-    ("kivi:3.5:g16:v4:c16:s8:prerope:rotate:kmix", "float32"), ("kivi:5:g16:v3:prerope:kmix", "bfloat16")])
+    ("kivi:3.5:g16:v4:c16:s8:prerope:rotate:kmix", "float32"), ("kivi:5:g16:v3:prerope:kmix", "bfloat16"),
+    # stream: evicted blocks (negative ids) skipped by the kernel, masked on the torch path
+    ("stream:16:sink16+kivi:4:g16:prerope", "float32"), ("stream:32:sink0+kivi:4:g16:v3:c16:s8:rotate", "float32"),
+    ("stream:16+kivi:3.5:g16:v4:c16:s8:prerope:rotate:kmix", "float32"), ("stream:16+kivi:4:g16:s8", "bfloat16")])
 def test_fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, kv, dtype):
     path = str(tiny_model_dir("llama"))
     fused, calls = run(path, kv, dtype, monkeypatch, True)

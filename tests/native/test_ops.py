@@ -91,6 +91,35 @@ def test_paged_attention_matches_float64(Hq, Hkv, D):
         assert not torch.allclose(other[r], out[r])
 
 
+@pytest.mark.parametrize("Hq, Hkv, D, bf16", [(9, 3, 64, False), (9, 3, 64, True), (6, 2, 20, False)])
+def test_paged_attention_skips_evicted_blocks(Hq, Hkv, D, bf16):
+    """kv stream:...: a negative block id is an evicted block; the row attends to its other
+    tokens only, as the float64 reference over the kept slots (fast D=64 and generic paths)."""
+    g = torch.Generator().manual_seed(D)
+    bs = 16
+    kc, vc = torch.randn(40 * bs, Hkv, D, generator=g), torch.randn(40 * bs, Hkv, D, generator=g)
+    if bf16:
+        kc, vc = kc.bfloat16(), vc.bfloat16()
+    tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(3)])
+    tables[0, 1:3] = -1  # sink block, two evicted, the window
+    tables[1, 0] = -1    # no sink
+    tables[2, 2] = -1
+    lens = torch.tensor([90, 40, 96])
+    q = torch.randn(3, Hq, D, generator=g)
+    out = ops.paged_attention(q, kc, vc, tables, lens, bs)
+    for r in range(3):
+        kept = [(i, b) for i, b in enumerate(tables[r].tolist()) if b >= 0]
+        slots = torch.cat([torch.arange(b * bs, b * bs + bs)[: max(0, min(bs, lens[r] - i * bs))] for i, b in kept])
+        k, v = kc[slots].double().transpose(0, 1), vc[slots].double().transpose(0, 1)
+        qq = q[r].double().view(Hkv, Hq // Hkv, D)
+        ref = (torch.softmax(qq @ k.transpose(1, 2) / D ** 0.5, dim=-1) @ v).reshape(Hq, D)
+        assert (out[r].double() - ref).abs().max() < 1e-5, r
+    # negative control: the same rows with nothing evicted (block 0 in those places) differ
+    full = ops.paged_attention(q, kc, vc, tables.clamp(min=0), lens, bs)
+    for r in range(3):
+        assert not torch.allclose(full[r], out[r])
+
+
 def test_paged_attention_on_bfloat16_pages_matches_float64():
     """bfloat16 pages (the bf16 cache under float32 compute) are widened exactly as they are read:
     the float64 reference on the same bf16 values agrees to float32 rounding."""
