@@ -172,8 +172,10 @@ class LLMEngine:
             if cfg.max_model_len is not None or capacity < 2 * bs:
                 raise ValueError(
                     f"the KV cache budget ({budget / 2**20:.1f} MiB, {num_blocks} blocks of {bs} tokens at "
-                    f"{bytes_per_token} bytes/token) holds {capacity} tokens, less than max_model_len="
-                    f"{self.max_model_len}; raise kv_cache_memory or lower max_model_len")
+                    f"{bytes_per_token} bytes/token) holds {capacity} tokens, less than "
+                    + (f"max_model_len={self.max_model_len}" if stream is None else
+                       f"the {seat_tokens} tokens a sequence holds under {spec} (sink + WINDOW + one block)")
+                    + "; raise kv_cache_memory or lower max_model_len")
             log.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
             self.max_model_len = capacity
         store = codec(num_blocks)

@@ -52,7 +52,9 @@ class KVCodec:
         raise NotImplementedError
 
     def release(self, blocks: list[int]) -> None:
-        """The blocks of a sequence are being freed (a codec with per-block state drops it)."""
+        """The blocks of a sequence are being freed (a codec with per-block state drops it). The
+        list may be the sequence's table itself, whose EVICTED (-1) entries (kv stream) name no
+        block: they were released when evicted."""
 
     def plan_step(self, seqs, slots: torch.Tensor) -> None:
         """Called once per step with the step's sequence slices and slot mapping, before any

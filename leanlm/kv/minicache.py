@@ -98,6 +98,7 @@ class MiniCacheCodec(KVCodec):
 
     def release(self, blocks):
         self.inner.release(blocks)
+        blocks = [b for b in blocks if b >= 0]  # EVICTED entries (kv stream) were released already
         if not blocks:
             return
         bs = self.block_size

@@ -75,6 +75,19 @@ def test_far_apart_tokens_are_retained():
     assert codec._used[0][:2] == [0, quota]
 
 
+def test_release_skips_evicted_entries():
+    """A table with EVICTED (-1) entries (kv stream) is released whole: -1 names no block, and
+    must not reach the pool's last block (here block 1, whose retained tokens stay)."""
+    codec = build_codec(KVSpec.parse("minicache:2:0.6:0.05+fp32"), L, 2, BS, H, D, torch.float32, "cpu", max_seqs=2)
+    write_step(codec, 20, spread=1.0)
+    rows, used = codec.ret_row[0].clone(), list(codec._used[0])
+    assert (rows[BS:20] >= 0).any()
+    codec.release([-1])
+    assert torch.equal(codec.ret_row[0], rows) and codec._used[0] == used
+    codec.release([0, -1])
+    assert (codec.ret_row[0][:BS] == -1).all() and torch.equal(codec.ret_row[0][BS:], rows[BS:])
+
+
 @pytest.mark.parametrize("text", ["minicache:2+bf16", "minicache+kivi:4", "minicache:1:0.5:0.1+fp8:e4m3"])
 def test_memory_accounting_equals_bytes_allocated(text):
     codec = codec_for(text)

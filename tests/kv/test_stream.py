@@ -67,6 +67,13 @@ def test_bad_specs_name_the_value(text, match):
         KVSpec.parse(text)
 
 
+def test_a_pool_smaller_than_one_seat_is_a_clear_error(path):
+    bpt = LLM(path, dtype="float32", kv="fp32").engine.cache.bytes_per_token()
+    with pytest.raises(ValueError, match="holds 32 tokens, less than the 64 tokens a sequence holds under "
+                                         "stream:32:sink16\\+fp32"):
+        LLM(path, dtype="float32", kv="stream:32:sink16+fp32", kv_cache_memory=2 * BS * bpt, max_model_len=200)
+
+
 def test_window_and_sink_must_be_whole_blocks(path):
     with pytest.raises(ValueError, match="WINDOW 40 must be a positive multiple of the block size 16"):
         LLM(path, dtype="float32", kv="stream:40")
