@@ -118,8 +118,7 @@ def kv_footprint(llm, context: int | None = None) -> tuple[str, float, float]:
     bf16 = PlainCodec.bytes_per_token_for(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.bfloat16)
     spec = getattr(getattr(cache, "codec", None), "spec", "plain")
     per_token = cache.bytes_per_token()
-    held = getattr(cache, "held_tokens", None)
-    ratio = context / held(context) if context and held is not None else 1.0
+    ratio = context / cache.held_tokens(context) if context else 1.0
     return spec, per_token, round(bf16 / per_token * ratio, 4)
 
 

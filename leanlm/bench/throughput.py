@@ -16,6 +16,7 @@ off, so that a prompt seen in one run cannot become a cache hit in the next.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -174,9 +175,7 @@ def kv_capacity(llm, tokens_per_seq: float) -> dict:
     kv, per_token, compression = kv_footprint(llm, round(tokens_per_seq))
     used, free, block = llm.engine.cache.usage()
     capacity = (used + free) * block
-    held = getattr(llm.engine.cache, "held_tokens", None)  # fewer with eviction (kv stream:...)
-    if held is not None:
-        tokens_per_seq = held(round(tokens_per_seq))
+    tokens_per_seq = min(tokens_per_seq, llm.engine.cache.held_tokens(math.ceil(tokens_per_seq)))  # eviction
     codec = getattr(llm.engine.cache, "codec", None)
     return {"kv": kv, "kv_bytes_per_token": per_token, "kv_compression": compression,
             "kv_cache_bytes": codec.allocated_bytes() if codec is not None else None,

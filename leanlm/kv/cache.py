@@ -67,6 +67,10 @@ class KVCache:
     def attend(self, layer: int, q, k, v, ctx: AttentionContext) -> torch.Tensor: ...
     def bytes_per_token(self) -> int: ...
 
+    def held_tokens(self, length: int) -> int:
+        """Token slots a sequence of `length` tokens holds (fewer with eviction: kv stream)."""
+        return length
+
     def static_decode_view(self, ctx: AttentionContext):
         """A fixed-shape view for compiled decode steps; None: run this step eagerly."""
         return None

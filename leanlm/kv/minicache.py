@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from leanlm.kv.blocks import EVICTED
 from leanlm.kv.codecs import KVCodec
 from leanlm.kv.quantized import Fp8Codec
 
@@ -98,7 +99,7 @@ class MiniCacheCodec(KVCodec):
 
     def release(self, blocks):
         self.inner.release(blocks)
-        blocks = [b for b in blocks if b >= 0]  # EVICTED entries (kv stream) were released already
+        blocks = [b for b in blocks if b != EVICTED]  # released when they were evicted (kv stream)
         if not blocks:
             return
         bs = self.block_size

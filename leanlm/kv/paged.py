@@ -48,7 +48,7 @@ class _DecodeGroup:
     rows: slice | torch.Tensor                    # their tokens in the flattened batch
     kv_len: int                                   # longest context in the group
     first_slot: int | None                        # one sequence with adjacent blocks: read a view
-    block_tables: torch.Tensor | None             # else [B, nblk], padded with block 0
+    block_tables: torch.Tensor | None             # else [B, nblk], padded (and EVICTED read) as block 0
     mask: torch.Tensor | None                     # [B, 1, 1, kv_len]
     # for a codec's fused decode attention, built once per step: block ids [B, nblk] (also for an
     # adjacent run) and each sequence's context [B], its new token included
@@ -189,14 +189,15 @@ class PagedKVCache(KVCache):
             return blocks
         return blocks[:sink] + [EVICTED] * (min(first, len(blocks)) - sink) + blocks[first:]
 
-    def _stream_mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor | None:
-        """[R, kv_len] bool: which cached tokens each query (positions pos [R]) may see, causal and
-        sink + window; None when nothing is hidden beyond causality."""
+    def _stream_mask(self, positions: list[int] | range, kv_len: int) -> torch.Tensor | None:
+        """[R, kv_len] bool: which cached tokens each query (at `positions`) may see, causal and
+        sink + window; None when nothing is hidden beyond causality (checked before any tensor)."""
         if self.stream is None:
             return None
         window, sink = self.stream
-        if int(pos.max()) // self.block_size - window <= sink:
+        if max(positions) // self.block_size - window <= sink:
             return None
+        pos = torch.tensor(positions, device=self.device)
         j = torch.arange(kv_len, device=self.device)
         jb, qb = j // self.block_size, pos.unsqueeze(1) // self.block_size
         return (j <= pos.unsqueeze(1)) & ((jb < sink) | (jb >= qb - window))
@@ -238,13 +239,14 @@ class PagedKVCache(KVCache):
                     blocks = torch.tensor([[max(b, 0) for b in s.kv.blocks[:nblk]]], dtype=torch.long,
                                           device=self.device)
             mask = prefill_mask(s.start, s.n, self.window, self.device)
-            seen = self._stream_mask(torch.arange(s.start, end, device=self.device), end)
+            seen = self._stream_mask(range(s.start, end), end)
             if seen is not None:
                 mask = seen if mask is None else mask & seen
             p = _Prefill(s.start, s.n, s.q_offset, first, blocks, mask)
             if self.fused_rows and not row_wise and s.n <= FUSED_ROWS_MAX:  # beside a long chunk
-                p.fused_tables = torch.tensor([self._row_view(s.kv.blocks[:nblk], pos) for pos in range(s.start, end)],
-                                              dtype=torch.long, device=self.device)
+                rows = ([s.kv.blocks[:nblk]] * s.n if self.stream is None else
+                        [self._row_view(s.kv.blocks[:nblk], pos) for pos in range(s.start, end)])
+                p.fused_tables = torch.tensor(rows, dtype=torch.long, device=self.device)
                 p.fused_lens = torch.arange(s.start + 1, end + 1, device=self.device)
             ctx.prefills.append(p)
         self.codec.plan_step(seqs, ctx.slot_mapping)
@@ -259,7 +261,10 @@ class PagedKVCache(KVCache):
         for s in ctx.seqs:
             row = s.kv.blocks[:nblk]
             row = row + [0] * (nblk - len(row))
-            tables.extend(self._row_view(row, pos) for pos in range(s.start, s.start + s.n))
+            if self.stream is None:
+                tables.extend([row] * s.n)
+            else:
+                tables.extend(self._row_view(row, pos) for pos in range(s.start, s.start + s.n))
             lens.extend(range(s.start + 1, s.start + s.n + 1))
         ctx.row_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
         ctx.row_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
@@ -275,15 +280,17 @@ class PagedKVCache(KVCache):
         else:
             rows = torch.tensor(offsets, dtype=torch.long, device=self.device)
         first = _adjacent_start(group[0].kv.blocks, nblk, bs) if len(group) == 1 else None
-        tables = None
-        if first is None:  # EVICTED entries stay for the fused kernels (they skip them)
+        tables = gather = None
+        if first is None:
             padded = [s.kv.blocks[:nblk] + [0] * (nblk - min(nblk, len(s.kv.blocks))) for s in group]
             tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+            # the fused kernels skip EVICTED entries; the torch path reads block 0 there, masked
+            gather = tables if self.stream is None else tables.clamp(min=0)
         mask = decode_mask(lens, self.window, self.device)
-        seen = self._stream_mask(torch.tensor(lens, device=self.device) - 1, kv_len)
+        seen = self._stream_mask([n - 1 for n in lens], kv_len)
         if seen is not None:  # [B, kv_len] -> [B, 1, 1, kv_len], as decode_mask's
             mask = seen[:, None, None, :] if mask is None else mask & seen[:, None, None, :]
-        dg = _DecodeGroup(rows, kv_len, first, tables, mask)
+        dg = _DecodeGroup(rows, kv_len, first, gather, mask)
         if fused:
             dg.fused_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
             dg.fused_tables = tables if tables is not None else torch.arange(
@@ -315,8 +322,8 @@ class PagedKVCache(KVCache):
             if d.first_slot is not None:
                 keys, values = self.codec.read_slots(layer, d.first_slot, d.kv_len)
                 keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
-            else:  # (EVICTED entries read block 0, which the mask hides)
-                keys, values = self.codec.read_blocks(layer, d.block_tables.clamp(min=0))
+            else:
+                keys, values = self.codec.read_blocks(layer, d.block_tables)
                 keys = keys[:, :d.kv_len].transpose(1, 2)
                 values = values[:, :d.kv_len].transpose(1, 2)
             out[d.rows] = decode_attention(q[d.rows], keys, values, d.mask)
