@@ -149,6 +149,64 @@ static inline void unpack_key(const uint8_t *p, int kbits, const int32_t *perm, 
     else unpack(p, kbits, D, out);
 }
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* kmix keys in registers (64-channel heads). Channel c's code sits at bit offset o_c of the head's
+   P bytes (its group's byte offset + the group's width x its index in the group); with widths
+   <= 8 its two bytes o_c >> 3 and the next hold it. So each natural octet of channels (one
+   8-float vector) is: the 16-byte chunks of the row broadcast to both lanes, per chunk a byte
+   shuffle that moves each channel's two bytes into its 32-bit lane (vpshufb; bytes of other
+   chunks zeroed), OR, then a per-lane shift and mask, and one int -> float conversion. The tables
+   come from perm / gbits once per (sequence, head), so the codes are the integers unpack_mixed
+   stores, without its 64 scalar stores and the vector reloads that waited on them (kmix's
+   attention cost 2x the uniform widths' on AVX2). Chunks start at 16 c, the last at P - 16, so
+   no load passes the row's end. */
+typedef struct {
+    __m256i ctl[4][8], shift[8], mask[8];
+    int nchunk, start[4];
+} kmix_lut;
+
+static void kmix_lut_build(kmix_lut *t, const int32_t *perm, const uint8_t *gbits, int P) {
+    t->nchunk = (P + 15) / 16;
+    for (int c = 0; c < t->nchunk; c++) t->start[c] = 16 * c + 16 <= P ? 16 * c : P - 16;
+    uint8_t ctl[4][256];  /* 4 bytes per channel */
+    int32_t shift[64], mask[64];
+    memset(ctl, 0x80, sizeof ctl);  /* 0x80: vpshufb writes a zero byte */
+    for (int g = 0, off = 0; g < 8; off += 8 * gbits[g], g++)
+        for (int i = 0; i < 8; i++) {
+            const int ch = perm[8 * g + i], bit = off + gbits[g] * i;
+            shift[ch] = bit & 7;
+            mask[ch] = (1 << gbits[g]) - 1;
+            for (int k = 0; k < 2; k++) {  /* the channel's two bytes into bytes 0, 1 of its lane */
+                const int byte = (bit >> 3) + k;
+                if (byte >= P) continue;   /* the row ends: the code ends in its first byte */
+                const int c = byte / 16 < t->nchunk - 1 ? byte / 16 : t->nchunk - 1;
+                ctl[c][4 * ch + k] = (uint8_t)(byte - t->start[c]);  /* lane-local index, < 16 */
+            }
+        }
+    for (int v = 0; v < 8; v++) {
+        for (int c = 0; c < t->nchunk; c++)
+            t->ctl[c][v] = _mm256_loadu_si256((const __m256i *)(ctl[c] + 32 * v));
+        t->shift[v] = _mm256_loadu_si256((const __m256i *)(shift + 8 * v));
+        t->mask[v] = _mm256_loadu_si256((const __m256i *)(mask + 8 * v));
+    }
+}
+
+/* the 64 channels of one token's kmix codes (p: its P bytes) as 8 vectors of 8 floats */
+static inline __attribute__((always_inline)) void kmix_codes64(const uint8_t *p, const kmix_lut *t, __m256 *x) {
+    __m256i ch[4];
+    for (int c = 0; c < t->nchunk; c++)
+        ch[c] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + t->start[c])));
+    for (int v = 0; v < 8; v++) {
+        __m256i w = _mm256_shuffle_epi8(ch[0], t->ctl[0][v]);
+        for (int c = 1; c < t->nchunk; c++) w = _mm256_or_si256(w, _mm256_shuffle_epi8(ch[c], t->ctl[c][v]));
+        x[v] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, t->shift[v]), t->mask[v]));
+    }
+}
+#else
+typedef struct { int unused; } kmix_lut;
+#endif
+
 static inline void load_row(const void *base, int bf16, size_t idx, int D, float *out) {
     if (bf16) { const uint16_t *r = (const uint16_t *)base + idx; for (int d = 0; d < D; d++) out[d] = bf2f(r[d]); }
     else memcpy(out, (const float *)base + idx, sizeof(float) * D);
@@ -261,12 +319,24 @@ static inline float max_of(const float *p, int64_t L) {
    through unpack_key (kmix's mixed widths). */
 static inline __attribute__((always_inline)) void key_dots64(
         const uint8_t *p, const int bits, const int32_t *perm, const uint8_t *gbits, int kbits,
-        const vf *sv, const vf *zv, const float *c, const float *sn, const float *q, int qstride, int G,
-        vf *dv, int ds) {
+        const kmix_lut *lut, const vf *sv, const vf *zv, const float *c, const float *sn, const float *q,
+        int qstride, int G, vf *dv, int ds) {
     enum { NV = 64 / VW };
     vf x[NV], r[NV];
     if (bits)
         for (int j = 0; j < NV; j++) x[j] = codes_row(p, bits, j);
+#if defined(__AVX2__)
+    else if (lut) {
+        __m256 o[8];
+        kmix_codes64(p, lut, o);
+#if VW == 8
+        for (int j = 0; j < NV; j++) x[j] = (vf)o[j];
+#else  /* two octets per 16-float vector */
+        for (int j = 0; j < NV; j++) x[j] = __builtin_shufflevector((v8)o[2 * j], (v8)o[2 * j + 1],
+                                                                    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#endif
+    }
+#endif
     else {
         float buf[64];
         unpack_key(p, kbits, perm, gbits, 64, buf);
@@ -319,7 +389,7 @@ static inline vf sum8(const vf *a) {
    tokens' partial sums are reduced together (sum8). */
 static inline __attribute__((always_inline)) void scores64(
         const uint8_t *k0, size_t kstep, const int bits, const int32_t *perm, const uint8_t *gbits,
-        int kbits, int nt, const float *s_c, const float *z_c, const float *c, const float *sn,
+        int kbits, const kmix_lut *lut, int nt, const float *s_c, const float *z_c, const float *c, const float *sn,
         const float *q, int qstride, const float *c0, const uint16_t *kn, size_t knstep, int G,
         float scale, float *sc, int64_t L) {
     enum { NV = 64 / VW };
@@ -327,7 +397,7 @@ static inline __attribute__((always_inline)) void scores64(
     if (c)
         for (int j = 0; j < NV; j++) sv[j] = *(const vf *)(s_c + VW * j), zv[j] = *(const vf *)(z_c + VW * j);
     int t = 0;
-#define KEY(T, DV, DS) key_dots64(k0 + (size_t)(T) * kstep, bits, perm, gbits, kbits, sv, zv, \
+#define KEY(T, DV, DS) key_dots64(k0 + (size_t)(T) * kstep, bits, perm, gbits, kbits, lut, sv, zv, \
                                   c ? c + (size_t)(T) * 64 : NULL, c ? sn + (size_t)(T) * 64 : NULL, \
                                   q, qstride, G, DV, DS)
 #if VW == 8
@@ -390,6 +460,14 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
             const int64_t L = lens[b];
             const int32_t *hperm = kperm ? kperm + (size_t)h * D : NULL;      /* kmix: this head's layout */
             const uint8_t *hgbits = kperm ? kgbits + (size_t)h * (D / 8) : NULL;
+            const kmix_lut *klut = NULL;  /* kmix keys unpacked in registers (AVX2), else through memory */
+#if defined(__AVX2__)
+            kmix_lut lut;
+            if (hperm && D == 64 && P >= 16 && P <= 64) {
+                kmix_lut_build(&lut, hperm, hgbits, P);
+                klut = &lut;
+            }
+#endif
             float *sc = malloc(sizeof(float) * G * (L > 0 ? L : 1));
             float *vbuf = malloc(sizeof(float) * (size_t)bs * D);  /* one block's values */
             if (!sc || !vbuf) { free(sc); free(vbuf); err = 1; continue; }
@@ -429,7 +507,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     const size_t kstep = (size_t)H * P;
                     const float *c = rope_cos + (size_t)t0 * 64, *sn = rope_sin + (size_t)t0 * 64;
                     float *s0 = sc + t0;
-#define PRE(B, PERM, GB) scores64(k0, kstep, B, PERM, GB, kbits, nt, s_c, z_c, c, sn, qh, 64, NULL, NULL, 0, G, \
+#define PRE(B, PERM, GB) scores64(k0, kstep, B, PERM, GB, kbits, klut, nt, s_c, z_c, c, sn, qh, 64, NULL, NULL, 0, G, \
                                      scale, s0, L)
                     switch (hperm ? 0 : kbits) {  /* a constant width per copy; 0: unpack_key */
                     case 2: PRE(2, NULL, NULL); break;
@@ -462,7 +540,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 if (D == 64 && !hperm && kbits >= 2 && kbits <= 4) {  /* in registers */
                     const size_t tok0 = (size_t)block * bs * H + h;
                     const uint16_t *kn0 = kn ? kn + tok0 : NULL;
-#define POST(B) scores64(kc + tok0 * P, (size_t)H * P, B, NULL, NULL, kbits, nt, NULL, NULL, NULL, NULL, qs[0], \
+#define POST(B) scores64(kc + tok0 * P, (size_t)H * P, B, NULL, NULL, kbits, NULL, nt, NULL, NULL, NULL, NULL, qs[0], \
                               MAXD, c0, kn0, H, G, scale, sc + t0, L)
                     switch (kbits) {  /* a constant width per copy */
                     case 2: POST(2); break;

@@ -118,7 +118,11 @@ def _random_codec(Hq, H, bs, nblocks, kbits, vbits, vgroup, s8, prerope, kmix_bi
     (3, 3, 32, False, False, None, True),   # post-RoPE keys with per-token norms
     (3, 3, 32, False, True, None, False),
     (2, 4, 64, True, True, None, False),
-    (3.5, 4, 32, True, True, 3.5, False),   # kmix: mixed key widths (unpacked through memory)
+    (3.5, 4, 32, True, True, 3.5, False),   # kmix: mixed key widths, 28 bytes a row (byte shuffles on AVX2)
+    (2, 3, 32, False, True, 2, False),      # kmix rows of 16 bytes: one chunk
+    (2.5, 3, 32, True, True, 2.5, False),   # 20 bytes: the last chunk overlaps the first
+    (5.5, 4, 64, True, True, 5.5, False),   # 44 bytes: three chunks
+    (8, 3, 32, False, True, 8, False),      # 64 bytes: four chunks, 8-bit codes
 ])
 @pytest.mark.parametrize("bs", [64, 16])
 def test_64_channel_heads_match_float64(Hq, H, kbits, vbits, vgroup, s8, prerope, kmix_bits, knorm, bs):
