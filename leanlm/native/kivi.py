@@ -17,6 +17,7 @@ _SIGNATURES = {
     "kivi_rotate_f32": ([_P, _L, _L, _I, _I, _P], None),
     "kivi_quant_values": ([_P, _L, _L, _I, _I, _I, _I, _P, _F, _P, _P, _P, _P], None),
     "kivi_layer_step": ([_P, _P, _P, _I, _L, _P, _P, _I, _P, _P], _I),
+    "kivi_set_segment": ([_I], None),
 }
 _fns: dict | None = None
 MAX_HEAD_DIM, MAX_GROUP = 256, 16  # kivi_attention.c's MAXD and MAXG
@@ -31,6 +32,14 @@ def _lib() -> dict | None:
         fns = {n: native.function("kivi_attention", n, a, r) for n, (a, r) in _SIGNATURES.items()}
         _fns = fns if all(f is not None for f in fns.values()) else {}
     return _fns or None
+
+
+def set_segment(tokens: int) -> None:
+    """Tokens per segment of a long row in kivi_decode_attention (default 2048; whole blocks):
+    longer rows are split across threads and merged. Tests set it low to reach the merge."""
+    lib = _lib()
+    if lib:
+        lib["kivi_set_segment"](int(tokens))
 
 
 def kernel():

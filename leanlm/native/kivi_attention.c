@@ -438,6 +438,9 @@ static inline __attribute__((always_inline)) void scores64(
    rope_cos/rope_sin [positions, D] float32, or NULL: with them keys are stored before RoPE and
    each key (token t of a row sits at position t) is rotated after dequantizing, then dotted with q;
    out [B, Hq, D] float32. Returns 0, or -1 for sizes it does not handle. */
+static int seg_tokens = 2048;  /* tokens per segment of a long row (rounded down to whole blocks) */
+void kivi_set_segment(int tokens) { seg_tokens = tokens > 0 ? tokens : 2048; }
+
 int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                           const int64_t *tables, int nblk, const int64_t *lens, int bs,
                           const uint8_t *kc, const void *ks, const void *kz, const uint16_t *kn,
@@ -454,10 +457,27 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
     /* values in registers (weigh_codes64): 64-channel heads at 2-4 bits, groups of whole slices */
     const int fusedv = D == 64 && vbits >= 2 && vbits <= 4 && vgroup % (2 * VW) == 0;
     int err = 0;
-    #pragma omp parallel for collapse(2) schedule(dynamic)
+    /* Long rows are split into segments of seg_tokens (whole blocks), each its own work item with
+       its own softmax, merged after the loop (flash-decoding): at batch 1 the (sequence, KV head)
+       items were 3 for 2 threads, and a long row's scores and codes outgrew the caches. A row
+       within one segment is computed exactly as before, so results up to seg_tokens are
+       unchanged; the split depends only on the row's length, never on the batch. */
+    const int64_t seglen = (int64_t)(seg_tokens / bs > 0 ? seg_tokens / bs : 1) * bs;
+    int S = 1;
+    for (int b = 0; b < B; b++) {
+        const int64_t n = (lens[b] + seglen - 1) / seglen;
+        if (n > S) S = (int)n;
+    }
+    float *part = S > 1 ? malloc(sizeof(float) * (size_t)B * H * S * G * (D + 2)) : NULL;  /* max, sum, acc */
+    if (S > 1 && !part) return -2;
+    #pragma omp parallel for collapse(3) schedule(dynamic)
     for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++) {
+        for (int h = 0; h < H; h++)
+            for (int s = 0; s < S; s++) {
             const int64_t L = lens[b];
+            const int nseg = L > seglen ? (int)((L + seglen - 1) / seglen) : 1;
+            if (s >= nseg) continue;
+            const int64_t tb = s * seglen, te = tb + seglen < L ? tb + seglen : L, Ls = te - tb;  /* this segment */
             const int32_t *hperm = kperm ? kperm + (size_t)h * D : NULL;      /* kmix: this head's layout */
             const uint8_t *hgbits = kperm ? kgbits + (size_t)h * (D / 8) : NULL;
             const kmix_lut *klut = NULL;  /* kmix keys unpacked in registers (AVX2), else through memory */
@@ -468,17 +488,17 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 klut = &lut;
             }
 #endif
-            float *sc = malloc(sizeof(float) * G * (L > 0 ? L : 1));
+            float *sc = malloc(sizeof(float) * G * (Ls > 0 ? Ls : 1));  /* the segment's scores, [G][Ls] */
             float *vbuf = malloc(sizeof(float) * (size_t)bs * D);  /* one block's values */
             if (!sc || !vbuf) { free(sc); free(vbuf); err = 1; continue; }
-            float qs[MAXG][MAXD], c0[MAXG], buf[MAXD], acc[MAXG][MAXD], sum[MAXG];
+            float qs[MAXG][MAXD], c0[MAXG], buf[MAXD], acc[MAXG][MAXD], sum[MAXG], mx[MAXG];
             const float *qh = q + ((size_t)b * Hq + (size_t)h * G) * D;
-            for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {   /* scores */
+            for (int64_t t0 = tb, blk = tb / bs; t0 < te; t0 += bs, blk++) {   /* scores */
                 const int64_t block = tables[(size_t)b * nblk + blk];
                 const int nt = L - t0 < bs ? (int)(L - t0) : bs;
                 if (block < 0) {  /* evicted (kv stream:...): its tokens get no weight */
                     for (int g = 0; g < G; g++)
-                        for (int t = 0; t < nt; t++) sc[(size_t)g * L + t0 + t] = -INFINITY;
+                        for (int t = 0; t < nt; t++) sc[(size_t)g * Ls + (t0 - tb) + t] = -INFINITY;
                     continue;
                 }
                 const int64_t row = res_row[block];
@@ -488,7 +508,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                         if (rope_cos)
                             rope_row(buf, rope_cos + (size_t)(t0 + t) * D, rope_sin + (size_t)(t0 + t) * D, D);
                         for (int g = 0; g < G; g++)
-                            sc[(size_t)g * L + t0 + t] = dot(qh + g * D, buf, D) * scale;
+                            sc[(size_t)g * Ls + (t0 - tb) + t] = dot(qh + g * D, buf, D) * scale;
                     }
                     continue;
                 }
@@ -506,9 +526,9 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     const uint8_t *k0 = kc + ((size_t)block * bs * H + h) * P;
                     const size_t kstep = (size_t)H * P;
                     const float *c = rope_cos + (size_t)t0 * 64, *sn = rope_sin + (size_t)t0 * 64;
-                    float *s0 = sc + t0;
+                    float *s0 = sc + (t0 - tb);
 #define PRE(B, PERM, GB) scores64(k0, kstep, B, PERM, GB, kbits, klut, nt, s_c, z_c, c, sn, qh, 64, NULL, NULL, 0, G, \
-                                     scale, s0, L)
+                                     scale, s0, Ls)
                     switch (hperm ? 0 : kbits) {  /* a constant width per copy; 0: unpack_key */
                     case 2: PRE(2, NULL, NULL); break;
                     case 3: PRE(3, NULL, NULL); break;
@@ -525,7 +545,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                         for (int d = 0; d < D; d++) buf[d] = buf[d] * s_c[d] + z_c[d];
                         rope_row(buf, rope_cos + (size_t)(t0 + t) * D, rope_sin + (size_t)(t0 + t) * D, D);
                         for (int g = 0; g < G; g++)
-                            sc[(size_t)g * L + t0 + t] = dot(qh + g * D, buf, D) * scale;
+                            sc[(size_t)g * Ls + (t0 - tb) + t] = dot(qh + g * D, buf, D) * scale;
                     }
                     continue;
                 }
@@ -541,7 +561,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     const size_t tok0 = (size_t)block * bs * H + h;
                     const uint16_t *kn0 = kn ? kn + tok0 : NULL;
 #define POST(B) scores64(kc + tok0 * P, (size_t)H * P, B, NULL, NULL, kbits, NULL, nt, NULL, NULL, NULL, NULL, qs[0], \
-                              MAXD, c0, kn0, H, G, scale, sc + t0, L)
+                              MAXD, c0, kn0, H, G, scale, sc + (t0 - tb), Ls)
                     switch (kbits) {  /* a constant width per copy */
                     case 2: POST(2); break;
                     case 3: POST(3); break;
@@ -555,16 +575,17 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     unpack_key(kc + tok * P, kbits, hperm, hgbits, D, buf);
                     const float norm = kn ? h2f(kn[tok]) : 1.f;
                     for (int g = 0; g < G; g++)
-                        sc[(size_t)g * L + t0 + t] = (dot(qs[g], buf, D) + c0[g]) * norm * scale;
+                        sc[(size_t)g * Ls + (t0 - tb) + t] = (dot(qs[g], buf, D) + c0[g]) * norm * scale;
                 }
             }
             for (int g = 0; g < G; g++) {                                 /* softmax */
-                float *sg = sc + (size_t)g * L;
-                const float m = max_of(sg, L);
-                sum[g] = exp_shift_sum(sg, L, m);
+                float *sg = sc + (size_t)g * Ls;
+                mx[g] = max_of(sg, Ls);
+                /* a segment whose blocks are all evicted has no weight (and -inf - -inf is NaN) */
+                sum[g] = mx[g] == -INFINITY ? 0.f : exp_shift_sum(sg, Ls, mx[g]);
                 for (int d = 0; d < D; d++) acc[g][d] = 0.f;
             }
-            for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {   /* values */
+            for (int64_t t0 = tb, blk = tb / bs; t0 < te; t0 += bs, blk++) {   /* values */
                 const int64_t block = tables[(size_t)b * nblk + blk];
                 if (block < 0) continue;  /* evicted: zero weight */
                 const int64_t row = res_row[block];
@@ -575,7 +596,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                         const int nh = G - g0 < 3 ? G - g0 : 3;
                         const float *pw[3];
                         float *ac[3];
-                        for (int i = 0; i < nh; i++) pw[i] = sc + (size_t)(g0 + i) * L + t0, ac[i] = acc[g0 + i];
+                        for (int i = 0; i < nh; i++) pw[i] = sc + (size_t)(g0 + i) * Ls + (t0 - tb), ac[i] = acc[g0 + i];
 #define WEIGH(B, NH) weigh_codes64(vc + tok0 * PV, (size_t)H * PV, B, nt, vgroup, vs, vz, tok0 * ng, (size_t)H * ng, \
                                    s8_table, vzunit, pw, NH, ac, vbuf)
                         switch (vbits * 4 + nh) {  /* constant widths and head counts per copy */
@@ -603,7 +624,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                     }
                 }
                 for (int g = 0; g < G; g++) {
-                    const float *pg = sc + (size_t)g * L + t0;
+                    const float *pg = sc + (size_t)g * Ls + (t0 - tb);
                     if (D == 64) {
                         enum { NV = 64 / VW };
                         vf a[NV];
@@ -619,6 +640,12 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                 }
             }
             for (int g = 0; g < G; g++) {
+                if (nseg > 1) {  /* merged below */
+                    float *pp = part + ((((size_t)b * H + h) * S + s) * G + g) * (D + 2);
+                    pp[0] = mx[g], pp[1] = sum[g];
+                    memcpy(pp + 2, acc[g], sizeof(float) * D);
+                    continue;
+                }
                 float *o = out + ((size_t)b * Hq + (size_t)h * G + g) * D;
                 const float inv = sum[g] > 0.f ? 1.f / sum[g] : 0.f;
                 for (int d = 0; d < D; d++) o[d] = acc[g][d] * inv;
@@ -626,6 +653,29 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
             free(vbuf);
             free(sc);
         }
+    if (S > 1 && !err)  /* merge the segments of long rows: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s */
+        for (int b = 0; b < B; b++) {
+            const int nseg = lens[b] > seglen ? (int)((lens[b] + seglen - 1) / seglen) : 1;
+            if (nseg == 1) continue;
+            for (int hg = 0; hg < Hq; hg++) {
+                const int h = hg / G, g = hg % G;
+                const float *p0 = part + ((((size_t)b * H + h) * S) * G + g) * (D + 2);
+                const size_t stride = (size_t)G * (D + 2);
+                float m = -INFINITY, l = 0.f, o[MAXD] = {0};
+                for (int s = 0; s < nseg; s++) m = p0[s * stride] > m ? p0[s * stride] : m;
+                for (int s = 0; s < nseg; s++) {
+                    const float *pp = p0 + s * stride;
+                    if (pp[0] == -INFINITY) continue;  /* all evicted */
+                    const float w = expf(pp[0] - m);
+                    l += w * pp[1];
+                    for (int d = 0; d < D; d++) o[d] += w * pp[2 + d];
+                }
+                float *dst = out + ((size_t)b * Hq + hg) * D;
+                const float inv = l > 0.f ? 1.f / l : 0.f;
+                for (int d = 0; d < D; d++) dst[d] = o[d] * inv;
+            }
+        }
+    free(part);
     return err ? -2 : 0;
 }
 

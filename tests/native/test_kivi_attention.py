@@ -56,6 +56,33 @@ def run(path, kv, dtype, monkeypatch, native_on: bool):
     ("stream:16:sink16+kivi:4:g16:prerope", "float32"), ("stream:32:sink0+kivi:4:g16:v3:c16:s8:rotate", "float32"),
     ("stream:16+kivi:3.5:g16:v4:c16:s8:prerope:rotate:kmix", "float32"), ("stream:16+kivi:4:g16:s8", "bfloat16")])
 def test_fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, kv, dtype):
+    _fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, kv, dtype)
+
+
+@pytest.fixture
+def segment():
+    """kivi_decode_attention's segment length, set low for one test (rows longer than it are
+    split and merged) and restored after."""
+    from leanlm.native import kivi as native_kivi
+
+    yield native_kivi.set_segment
+    native_kivi.set_segment(2048)
+
+
+@pytest.mark.parametrize("kv, dtype", [
+    ("kivi:4:g16:prerope", "float32"), ("kivi:2:g16:r48:sink16", "float32"),
+    ("kivi:3.5:g16:v4:c16:s8:prerope:rotate:kmix", "float32"), ("kivi:4:g16:s8", "bfloat16"),
+    # stream: whole segments evicted
+    ("stream:16:sink16+kivi:4:g16:prerope", "float32"), ("stream:32:sink0+kivi:4:g16:v3:c16:s8:rotate", "float32")])
+@pytest.mark.parametrize("seg", [16, 32])
+def test_split_rows_equal_dequantized_attention(tiny_model_dir, monkeypatch, segment, kv, dtype, seg):
+    """Rows longer than the segment are scored in pieces on separate threads and merged
+    (flash-decoding): the same comparison with segments of one and two blocks."""
+    segment(seg)
+    _fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, kv, dtype)
+
+
+def _fused_decode_equals_dequantized_attention(tiny_model_dir, monkeypatch, kv, dtype):
     path = str(tiny_model_dir("llama"))
     fused, calls = run(path, kv, dtype, monkeypatch, True)
     assert calls and all(calls)  # the kernel really ran (through the executor or per layer), never refused
@@ -125,11 +152,14 @@ def _random_codec(Hq, H, bs, nblocks, kbits, vbits, vgroup, s8, prerope, kmix_bi
     (8, 3, 32, False, True, 8, False),      # 64 bytes: four chunks, 8-bit codes
 ])
 @pytest.mark.parametrize("bs", [64, 16])
-def test_64_channel_heads_match_float64(Hq, H, kbits, vbits, vgroup, s8, prerope, kmix_bits, knorm, bs):
+@pytest.mark.parametrize("seg", [2048, 64])  # 64: rows of 130 and 200 tokens split and merged
+def test_64_channel_heads_match_float64(segment, Hq, H, kbits, vbits, vgroup, s8, prerope, kmix_bits, knorm, bs,
+                                        seg):
     """The kernel's 64-channel paths (keys dequantized, rotated and dotted in registers, 8 tokens'
     scores reduced together, value codes weighed straight into each head's accumulators) against
     attention in float64 over what the torch path dequantizes (read_blocks). Lengths leave partial
     groups of 8 and partial blocks, whose residual rows the kernel reads as stored."""
+    segment(seg)
     lens = [37, 130, 64, 200]
     nblk = -(-max(lens) // bs)
     c = _random_codec(Hq, H, bs, len(lens) * nblk, int(kbits), vbits, vgroup, s8, prerope, kmix_bits, knorm,
