@@ -58,8 +58,8 @@ def main() -> None:
         # kernel's growth from M = 1 to M = 4 (docs/BENCHMARKS.md)
         ys = {n: torch.empty(m, n) for n in {w.shape[0] for w in layers[0]} | {HEAD[0]}}
         calls = [(xs[w.shape[1]], p, ys[w.shape[0]]) for ws, ps in zip(layers, packed) for w, p in zip(ws, ps)]
-        mkl = timed(lambda: [torch.mm(x, w.t(), out=ys[w.shape[0]])
-                             for ws in layers for w in ws for x in (xs[w.shape[1]],)], args.repeats)
+        mkl = timed(lambda: [torch.mm(xs[w.shape[1]], w.t(), out=ys[w.shape[0]]) for ws in layers for w in ws],
+                    args.repeats)
         nat = timed(lambda: [fn(x.data_ptr(), m, x.shape[1], p.data_ptr(), y.shape[1], y.data_ptr(), None)
                              for x, p, y in calls], args.repeats)
         hm = timed(lambda: torch.mm(xs[576], head.t(), out=ys[HEAD[0]]), args.repeats)

@@ -426,6 +426,12 @@ static inline __attribute__((always_inline)) void scores64(
 #undef KEY
 }
 
+static int seg_tokens = 2048;  /* tokens per segment of a long row (rounded down to whole blocks) */
+void kivi_set_segment(int tokens) { seg_tokens = tokens > 0 ? tokens : 2048; }
+
+/* the segments a row of L tokens is split into (at least one) */
+static inline int segments(int64_t L, int64_t seglen) { return L > seglen ? (int)((L + seglen - 1) / seglen) : 1; }
+
 /* q [B, Hq, D] float32; tables [B, nblk] block ids (negative: evicted, skipped); lens [B] tokens
    each query attends to (evicted blocks' tokens included);
    kc [blocks, bs, H, D*kbits/8], ks/kz [blocks, 1, H, D] fp16, kn [blocks, bs, H] fp16 or NULL,
@@ -438,9 +444,6 @@ static inline __attribute__((always_inline)) void scores64(
    rope_cos/rope_sin [positions, D] float32, or NULL: with them keys are stored before RoPE and
    each key (token t of a row sits at position t) is rotated after dequantizing, then dotted with q;
    out [B, Hq, D] float32. Returns 0, or -1 for sizes it does not handle. */
-static int seg_tokens = 2048;  /* tokens per segment of a long row (rounded down to whole blocks) */
-void kivi_set_segment(int tokens) { seg_tokens = tokens > 0 ? tokens : 2048; }
-
 int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
                           const int64_t *tables, int nblk, const int64_t *lens, int bs,
                           const uint8_t *kc, const void *ks, const void *kz, const uint16_t *kn,
@@ -465,8 +468,8 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
     const int64_t seglen = (int64_t)(seg_tokens / bs > 0 ? seg_tokens / bs : 1) * bs;
     int S = 1;
     for (int b = 0; b < B; b++) {
-        const int64_t n = (lens[b] + seglen - 1) / seglen;
-        if (n > S) S = (int)n;
+        const int n = segments(lens[b], seglen);
+        if (n > S) S = n;
     }
     float *part = S > 1 ? malloc(sizeof(float) * (size_t)B * H * S * G * (D + 2)) : NULL;  /* max, sum, acc */
     if (S > 1 && !part) return -2;
@@ -475,7 +478,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
         for (int h = 0; h < H; h++)
             for (int s = 0; s < S; s++) {
             const int64_t L = lens[b];
-            const int nseg = L > seglen ? (int)((L + seglen - 1) / seglen) : 1;
+            const int nseg = segments(L, seglen);
             if (s >= nseg) continue;
             const int64_t tb = s * seglen, te = tb + seglen < L ? tb + seglen : L, Ls = te - tb;  /* this segment */
             const int32_t *hperm = kperm ? kperm + (size_t)h * D : NULL;      /* kmix: this head's layout */
@@ -655,7 +658,7 @@ int kivi_decode_attention(const float *q, int B, int Hq, int H, int D,
         }
     if (S > 1 && !err)  /* merge the segments of long rows: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s */
         for (int b = 0; b < B; b++) {
-            const int nseg = lens[b] > seglen ? (int)((lens[b] + seglen - 1) / seglen) : 1;
+            const int nseg = segments(lens[b], seglen);
             if (nseg == 1) continue;
             for (int hg = 0; hg < Hq; hg++) {
                 const int h = hg / G, g = hg % G;

@@ -137,8 +137,8 @@ static inline __attribute__((always_inline)) void weighted_values(
     for (int j = 0; j < nv; j++) acc[j] = (vf){0};
     for (int t0 = 0, b = 0; t0 < L; t0 += bs, b++) {
         const int n = L - t0 < bs ? L - t0 : bs;
-        const size_t vb = ((size_t)tab[b] * bs * Hkv + h) * D;
         if (tab[b] < 0) continue;  /* evicted */
+        const size_t vb = ((size_t)tab[b] * bs * Hkv + h) * D;
         for (int i = 0; i < n; i++) {
             const size_t vv = vb + (size_t)i * Hkv * D;
             const float wt = w[t0 + i];
@@ -152,9 +152,9 @@ static inline __attribute__((always_inline)) void weighted_values(
 /* Attention of R query rows over a paged cache, each row on its own context:
    q [R, Hq, D] (rows q_stride floats apart); kc, vc [slots, Hkv, D], float32, or bfloat16 when
    `bf16` (widened exactly as it is read); row r attends to the first lens[r] tokens of the blocks
-   tables[r, :] (slot = block * bs + offset; a negative block id: evicted, its tokens skipped); out [R, Hq, D]. The G = Hq / Hkv query heads of a KV
-   head share its keys (GQA) and are scored together, each key read once. Softmax in float32 with
-   the max subtracted, as SDPA. */
+   tables[r, :] (slot = block * bs + offset; a negative block id: evicted, its tokens skipped);
+   out [R, Hq, D]. The G = Hq / Hkv query heads of a KV head share its keys (GQA) and are scored
+   together, each key read once. Softmax in float32 with the max subtracted, as SDPA. */
 int paged_attention_f32(const float *q, long q_stride, int R, int Hq, int Hkv, int D,
                         const void *kc, const void *vc, int bf16, const long *tables, int nblk,
                         const long *lens, int bs, float scale, float *out) {
