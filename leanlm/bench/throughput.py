@@ -13,10 +13,17 @@ in the model's context). Every request generates exactly --output-len tokens: gr
 Baselines may run on only the first --baseline-prompts prompts (they are slow); each throughput
 is measured on the prompts its engine ran, and ratios compare output tokens/s. Prefix caching is
 off, so that a prompt seen in one run cannot become a cache hit in the next.
+
+`--repeats N` times the leanlm run and the `--kv-baseline` run N times each, alternating which goes
+first (A B, B A, A B, ...), and reports each engine's median run and the median of the N ratios of
+runs made back to back. Shared machines drift by tens of percent within minutes: one A-then-B pair
+measured the same two engines at 1.74x and, an hour later, 2.37x.
 """
 from __future__ import annotations
 
+import gc
 import math
+import statistics
 import sys
 import time
 
@@ -209,6 +216,11 @@ def print_report(report: dict) -> None:
                f"{report['num_prompts']} ShareGPT prompts of {report['prompt_tokens_min']}–"
                f"{report['prompt_tokens_max']} tokens (mean {report['prompt_tokens_mean']:.0f}) · "
                f"{report['output_len']} output tokens each · 'leanlm ×' = leanlm output tok/s / that row's")
+    if report.get("repeats", 1) > 1:
+        caption += f" · median run of {report['repeats']} per engine, alternating"
+        if "ratios_vs_kv_baseline" in report:
+            caption += (f"; the --kv-baseline ratio is the median of the back-to-back ratios "
+                        f"{', '.join(f'{r:.2f}x' for r in report['ratios_vs_kv_baseline'])}")
     print_table("leanlm bench throughput (offline)", cols, rows, caption)
     if report["num_truncated_prompts"]:
         print(f"note: {report['num_truncated_prompts']} prompts were cut to "
@@ -227,7 +239,8 @@ def add_parser(sub, add_model_args) -> None:
                     "requests/s, output tokens/s and total (prompt + output) tokens/s. Prompts are the raw "
                     "text tokenized by the model's tokenizer (no chat template), cut to --max-prompt-len "
                     "tokens. Baselines run in the same process on the same token ids.",
-        epilog="Speed drifts on shared machines: compare engines only inside one run (--baseline, --vs).")
+        epilog="Speed drifts on shared machines: compare engines only inside one run (--baseline, --vs, "
+               "--kv-baseline), and repeat the comparison (--repeats).")
     add_model_args(p)
     add_dataset_arg(p)
     p.add_argument("--num-prompts", type=positive_int, default=64, help="requests: the first N prompts (default 64)")
@@ -253,6 +266,11 @@ def add_parser(sub, add_model_args) -> None:
                    help="also run the same prompts on a second engine whose KV cache uses codec SPEC "
                         "(e.g. bf16) under the same --kv-cache-memory, in this process: the ratio "
                         "compares --kv with it")
+    p.add_argument("--repeats", type=positive_int, default=1, metavar="N",
+                   help="time the leanlm run and the --kv-baseline run N times each, alternating which "
+                        "goes first (A B, B A, ...); report each engine's median run and the median of "
+                        "the N back-to-back ratios (default 1). Shared machines drift by tens of percent "
+                        "within minutes")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for every engine (default: torch's current setting)")
     p.add_argument("--json", default=None, metavar="PATH",
@@ -260,8 +278,41 @@ def add_parser(sub, add_model_args) -> None:
                         "token totals, sequential / hf sections and ratio_vs_* (leanlm output tok/s / "
                         "baseline's), the KV cache (kv, kv_bytes_per_token, kv_compression, kv_cache_bytes, "
                         "kv_capacity_tokens, seqs_fit: sequences of mean length that fit, num_preemptions), "
-                        "a kv_baseline section and ratio_vs_kv_baseline with --kv-baseline, and the config (model, dtype, prompt_tokens, threads, ...) to PATH")
+                        "a kv_baseline section and ratio_vs_kv_baseline with --kv-baseline, with --repeats the runs of "
+                        "each engine and ratios_vs_kv_baseline, and the config (model, dtype, prompt_tokens, threads, ...) to PATH")
     p.set_defaults(func=cmd_throughput)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median output throughput (of an even number, the slower middle one)."""
+    return sorted(runs, key=lambda r: r["output_throughput"])[(len(runs) - 1) // 2]
+
+
+def run_summary(r: dict) -> dict:
+    return {k: r[k] for k in ("elapsed_s", "output_throughput", "total_token_throughput", "num_preemptions")}
+
+
+def combine_repeats(mains: list[dict], bases: list[dict]) -> dict:
+    """One report from `--repeats` runs: each engine's median run; the sequential / hf baselines
+    (timed once, in the first run) compared with the median run; the kv baseline's ratio as the
+    median of the ratios of runs made back to back (mains[i] with bases[i])."""
+    report = dict(median_run(mains))
+    report["repeats"] = len(mains)
+    for key in ("sequential", "hf"):
+        if key in mains[0]:
+            report[key] = mains[0][key]
+            report[f"ratio_vs_{key}"] = report["output_throughput"] / report[key]["output_throughput"]
+    if len(mains) > 1:
+        report["runs"] = [run_summary(r) for r in mains]
+    if bases:
+        base = dict(median_run(bases))
+        if len(bases) > 1:
+            base["runs"] = [run_summary(r) for r in bases]
+        report["kv_baseline"] = base
+        ratios = [m["output_throughput"] / b["output_throughput"] for m, b in zip(mains, bases)]
+        report["ratios_vs_kv_baseline"] = ratios
+        report["ratio_vs_kv_baseline"] = statistics.median(ratios)
+    return report
 
 
 def cmd_throughput(args) -> int:
@@ -274,16 +325,25 @@ def cmd_throughput(args) -> int:
 
     # prefix caching off: a prompt cached by one run must not speed up a baseline (module docstring)
     extra = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
-    llm = load_llm(args, enable_prefix_caching=False, **extra)
-    report = run_throughput(llm, prompts, output_len=args.output_len, max_prompt_len=args.max_prompt_len,
-                            baseline=args.baseline, vs=args.vs, hf_batch_size=args.hf_batch_size,
-                            baseline_prompts=args.baseline_prompts, model=model_name(args.model),
-                            threads=torch.get_num_threads(), dataset=str(path))
-    if args.kv_baseline is not None:
-        del llm  # one engine's weights and KV pool in memory at a time
-        base = load_llm(args, enable_prefix_caching=False, kv=args.kv_baseline, **extra)
-        report["kv_baseline"] = run_kv_baseline(base, prompts, args.output_len, args.max_prompt_len)
-        report["ratio_vs_kv_baseline"] = report["output_throughput"] / report["kv_baseline"]["output_throughput"]
+    mains, bases = [], []
+    for i in range(args.repeats):
+        for which in ("main", "base") if i % 2 == 0 else ("base", "main"):
+            # each run loads its engine afresh: one engine's weights and KV pool in memory at a time
+            if which == "main":
+                first = not mains  # the sequential / hf baselines are timed once
+                llm = load_llm(args, enable_prefix_caching=False, **extra)
+                mains.append(run_throughput(
+                    llm, prompts, output_len=args.output_len, max_prompt_len=args.max_prompt_len,
+                    baseline=args.baseline if first else None, vs=args.vs if first else None,
+                    hf_batch_size=args.hf_batch_size, baseline_prompts=args.baseline_prompts,
+                    model=model_name(args.model), threads=torch.get_num_threads(), dataset=str(path)))
+                del llm
+            elif args.kv_baseline is not None:
+                base = load_llm(args, enable_prefix_caching=False, kv=args.kv_baseline, **extra)
+                bases.append(run_kv_baseline(base, prompts, args.output_len, args.max_prompt_len))
+                del base
+            gc.collect()
+    report = combine_repeats(mains, bases)
     print_report(report)
     if args.json:
         write_json(args.json, report)

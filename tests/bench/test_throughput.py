@@ -104,7 +104,7 @@ def test_bad_values_are_clear_errors(llm, data_dir, tiny_model_dir, tmp_path, mo
     for flag, value, msg in (("--num-prompts", "0", "positive integer"), ("--output-len", "-1", "positive integer"),
                              ("--hf-batch-size", "x", "not an integer"), ("--vs", "vllm", "invalid choice"),
                              ("--baseline", "parallel", "invalid choice"),
-                             ("--baseline-prompts", "0", "positive integer")):
+                             ("--baseline-prompts", "0", "positive integer"), ("--repeats", "0", "positive integer")):
         with pytest.raises(SystemExit):
             main(["bench", "throughput", "--model", model, flag, value])
         assert msg in capsys.readouterr().err
@@ -157,3 +157,29 @@ def test_kv_baseline_runs_the_same_requests_on_another_codec(data_dir, tiny_mode
     assert r["ratio_vs_kv_baseline"] == pytest.approx(r["output_throughput"] / b["output_throughput"])
     assert b["kv_capacity_tokens"] < r["kv_capacity_tokens"] and b["num_preemptions"] >= 0
     assert "--kv bf16" in capsys.readouterr().out
+
+
+def test_repeats_alternate_the_engines_and_take_medians(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """--repeats 3: the two engines run A B, B A, A B; each side reports its median run, the ratio
+    is the median of the three back-to-back ratios, and the sequential baseline runs once."""
+    from leanlm.bench import throughput
+
+    order = []
+    for name, tag in (("run_throughput", "main"), ("run_kv_baseline", "base"), ("time_sequential", "seq")):
+        real = getattr(throughput, name)
+        monkeypatch.setattr(throughput, name, lambda *a, _real=real, _tag=tag, **k: order.append(_tag) or _real(*a, **k))
+    model, out = str(tiny_model_dir("llama")), tmp_path / "r.json"
+    assert main(["bench", "throughput", "--model", model, "--num-prompts", "3", "--output-len", "8",
+                 "--kv", "kivi:4:g16", "--kv-baseline", "bf16", "--baseline", "sequential",
+                 "--repeats", "3", "--json", str(out)]) == 0
+    assert order == ["main", "seq", "base", "base", "main", "main", "base"]
+    r = json.loads(out.read_text())
+    runs, base_runs = r["runs"], r["kv_baseline"]["runs"]
+    assert r["repeats"] == 3 and len(runs) == len(base_runs) == 3
+    assert r["output_throughput"] == sorted(x["output_throughput"] for x in runs)[1]
+    assert r["kv_baseline"]["output_throughput"] == sorted(x["output_throughput"] for x in base_runs)[1]
+    ratios = [a["output_throughput"] / b["output_throughput"] for a, b in zip(runs, base_runs)]
+    assert r["ratios_vs_kv_baseline"] == pytest.approx(ratios)
+    assert r["ratio_vs_kv_baseline"] == pytest.approx(sorted(ratios)[1])
+    assert r["ratio_vs_sequential"] == pytest.approx(r["output_throughput"] / r["sequential"]["output_throughput"])
+    assert r["total_output_tokens"] == r["kv_baseline"]["total_output_tokens"] == 3 * 8
