@@ -326,23 +326,26 @@ def cmd_throughput(args) -> int:
     # prefix caching off: a prompt cached by one run must not speed up a baseline (module docstring)
     extra = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
     mains, bases = [], []
+
+    # each run loads its engine afresh: one engine's weights and KV pool in memory at a time
+    def run_main():
+        first = not mains  # the sequential / hf baselines are timed once
+        llm = load_llm(args, enable_prefix_caching=False, **extra)
+        mains.append(run_throughput(
+            llm, prompts, output_len=args.output_len, max_prompt_len=args.max_prompt_len,
+            baseline=args.baseline if first else None, vs=args.vs if first else None,
+            hf_batch_size=args.hf_batch_size, baseline_prompts=args.baseline_prompts,
+            model=model_name(args.model), threads=torch.get_num_threads(), dataset=str(path)))
+
+    def run_base():
+        base = load_llm(args, enable_prefix_caching=False, kv=args.kv_baseline, **extra)
+        bases.append(run_kv_baseline(base, prompts, args.output_len, args.max_prompt_len))
+
+    runs = (run_main, run_base) if args.kv_baseline is not None else (run_main,)
     for i in range(args.repeats):
-        for which in ("main", "base") if i % 2 == 0 else ("base", "main"):
-            # each run loads its engine afresh: one engine's weights and KV pool in memory at a time
-            if which == "main":
-                first = not mains  # the sequential / hf baselines are timed once
-                llm = load_llm(args, enable_prefix_caching=False, **extra)
-                mains.append(run_throughput(
-                    llm, prompts, output_len=args.output_len, max_prompt_len=args.max_prompt_len,
-                    baseline=args.baseline if first else None, vs=args.vs if first else None,
-                    hf_batch_size=args.hf_batch_size, baseline_prompts=args.baseline_prompts,
-                    model=model_name(args.model), threads=torch.get_num_threads(), dataset=str(path)))
-                del llm
-            elif args.kv_baseline is not None:
-                base = load_llm(args, enable_prefix_caching=False, kv=args.kv_baseline, **extra)
-                bases.append(run_kv_baseline(base, prompts, args.output_len, args.max_prompt_len))
-                del base
-            gc.collect()
+        for run in runs if i % 2 == 0 else runs[::-1]:
+            run()
+            gc.collect()  # the engine of the run that ended is freed before the next one loads
     report = combine_repeats(mains, bases)
     print_report(report)
     if args.json:
