@@ -4,6 +4,9 @@ engine's whole step: scheduler, layers, LM head, sampling) and the median time i
 whole-layer executor (native/layers.py), with the share of steps it ran. Float32 compute.
 
     python benchmarks/decode_step.py --kv bf16 kivi:4:g64:v3:c32:s8:prerope:rotate --batch 1 4 8
+
+--kivi-segment 2048 0 times each KIVI row twice: split into segments of 2,048 tokens across threads
+(the default), and not split (0), alternating, to show what the split gives at long contexts.
 """
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ from rich.table import Table
 
 from leanlm import LLM, SamplingParams
 from leanlm.engine.engine import LLMEngine
+from leanlm.native import kivi as native_kivi
 from leanlm.native import layers as native_layers
 
+NO_SPLIT = 1 << 30  # tokens per segment: longer than any row, so no row is split
 
-def measure(kv: str, batch: int, context: int, steps: int) -> tuple[float, float, float]:
-    llm = LLM(dtype="float32", kv=kv, enable_prefix_caching=False, max_num_seqs=batch)
+
+def measure(kv: str, batch: int, context: int, steps: int, model: str | None) -> tuple[float, float, float]:
+    llm = LLM(model, dtype="float32", kv=kv, enable_prefix_caching=False, max_num_seqs=batch)
     prompts = [[1000 + 7 * i + j for j in range(context)] for i in range(batch)]
     step_times, layer_times = [], []
     real_step, real_run = LLMEngine.step, native_layers.NativeLayers.run
@@ -55,15 +61,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--context", type=int, default=500)
     ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--model", default=None, help="HF checkpoint dir or .gguf (default: the embedded model)")
+    ap.add_argument("--kivi-segment", type=int, nargs="+", default=[2048], metavar="TOKENS",
+                    help="tokens per segment of a long row in the KIVI kernel, each value timed in "
+                         "turn (0: rows are not split)")
     args = ap.parse_args()
+    if any(t < 0 for t in args.kivi_segment):
+        ap.error(f"--kivi-segment takes token counts >= 0, got {args.kivi_segment}")
     table = Table(title=f"decode step, {args.context}-token prompts + {args.steps} steps, float32 (medians)")
     table.add_column("--kv", overflow="fold")
+    table.add_column("KIVI segment", justify="right")
     for col in ("B", "step ms", "executor ms", "executor ran", "tok/s"):
         table.add_column(col, justify="right")
     for kv in args.kv:
         for b in args.batch:
-            step, layers, share = measure(kv, b, args.context, args.steps)
-            table.add_row(kv, str(b), f"{step:.2f}", f"{layers:.2f}", f"{share:.0%}", f"{b / step * 1e3:.1f}")
+            for seg in args.kivi_segment:
+                native_kivi.set_segment(seg or NO_SPLIT)
+                step, layers, share = measure(kv, b, args.context, args.steps, args.model)
+                table.add_row(kv, "no split" if seg == 0 else str(seg), str(b), f"{step:.2f}",
+                              f"{layers:.2f}", f"{share:.0%}", f"{b / step * 1e3:.1f}")
+    native_kivi.set_segment(2048)
     Console().print(table)
 
 
