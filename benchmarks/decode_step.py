@@ -5,8 +5,9 @@ whole-layer executor (native/layers.py), with the share of steps it ran. Float32
 
     python benchmarks/decode_step.py --kv bf16 kivi:4:g64:v3:c32:s8:prerope:rotate --batch 1 4 8
 
---kivi-segment 2048 0 times each KIVI row twice: split into segments of 2,048 tokens across threads
-(the default), and not split (0), alternating, to show what the split gives at long contexts.
+--kivi-segment 2048 0 times each configuration twice: with KIVI rows split into segments of 2,048
+tokens across threads (the default), then with no split (0), to show what the split gives at long
+contexts (other codecs ignore it).
 """
 from __future__ import annotations
 
