@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models of each supported architecture, saved as HF checkpoints."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -14,6 +15,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmark scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(arch: str):

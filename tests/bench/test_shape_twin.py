@@ -2,7 +2,6 @@
 random-weight twin made from it, which leanlm loads with exactly the source's shapes."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,17 +10,12 @@ import torch
 from safetensors import safe_open
 
 from leanlm import LLM, SamplingParams
-from tests.conftest import save_tiny_model
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "shape_twin.py"
+from tests.conftest import load_benchmark, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def twin_script():
-    spec = importlib.util.spec_from_file_location("shape_twin", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("shape_twin")
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
