@@ -11,6 +11,10 @@ Each policy below has the same budget of blocks:
 - h2o: the sink blocks, half the rest as the most recent blocks, and the other half the blocks
   with the largest attention accumulated over past queries. Greedy, as in H2O: an evicted block
   never comes back. Scores come from full attention, not from attention over the kept blocks;
+- knorm: as h2o, but the other half holds the blocks whose keys have the smallest L2 norm (mean over
+  tokens, layers and KV heads, each layer's norms divided by their mean). Low-norm keys draw much
+  of the attention (Devoto et al., 2024), and a key's norm is known when it is written, with no
+  attention scores;
 - oracle: the best kept set for each query alone (top-k of S[t]). It is an upper bound that no
   causal policy reaches.
 
@@ -40,6 +44,20 @@ def block_scores(attentions, block_size: int) -> torch.Tensor:
     return total.view(T, nb, block_size).sum(-1)
 
 
+def block_key_norms(keys, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """Per-layer keys [1, T, Hkv * D] -> [nblocks]: each block's mean key L2 norm over its tokens,
+    the layers and KV heads, each layer's norms divided by that layer's mean first (so no layer's
+    scale dominates)."""
+    T = keys[0].shape[1]
+    total = torch.zeros(T, dtype=torch.float64)
+    for k in keys:
+        n = k[0].double().view(T, num_kv_heads, -1).norm(dim=-1)  # [T, Hkv]
+        total += (n / n.mean()).mean(-1)
+    nb = -(-T // block_size)
+    padded = torch.cat((total, total.new_full((nb * block_size - T,), float("nan"))))
+    return padded.view(nb, block_size).nanmean(-1)
+
+
 def stream_kept(qb: int, budget: int, sink: int) -> list[int]:
     """Blocks kept for a query in block qb: the sinks and the most recent budget - sink blocks."""
     if qb + 1 <= budget:
@@ -47,28 +65,40 @@ def stream_kept(qb: int, budget: int, sink: int) -> list[int]:
     return list(range(sink)) + list(range(qb + 1 - (budget - sink), qb + 1))
 
 
+def _admit(kept: list[int], qb: int, budget: int, sink: int, recent: int, worth) -> None:
+    """Block qb enters a greedy set; while it is over budget, the least worth block that is neither
+    a sink nor recent leaves (for good)."""
+    kept.append(qb)
+    while len(kept) > budget:
+        kept.remove(min((b for b in kept if sink <= b < qb + 1 - recent), key=worth))
+
+
 def retained(S: torch.Tensor, block_size: int, budget: int, sink: int, per_row: float,
-             start: int) -> dict[str, float]:
-    """Mean share of attention each policy keeps over the queries at positions >= start."""
+             start: int, key_norms: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean share of attention each policy keeps over the queries at positions >= start
+    (knorm only when key_norms, one per block, are given)."""
     T, _ = S.shape
     out = {"stream": [], "h2o": [], "oracle": []}
+    if key_norms is not None:
+        out["knorm"] = []
     recent = (budget - sink) // 2
     score = torch.zeros(S.shape[1], dtype=torch.float64)
     kept: list[int] = []
+    kept_norm: list[int] = []
     for t in range(T):
         qb = t // block_size
-        if t % block_size == 0:  # a new block enters the h2o set; evict down to the budget
-            kept.append(qb)
-            while len(kept) > budget:
-                candidates = [b for b in kept if b >= sink and b < qb + 1 - recent]
-                victim = min(candidates, key=lambda b: score[b].item())
-                kept.remove(victim)
+        if t % block_size == 0:  # a new block enters the greedy sets
+            _admit(kept, qb, budget, sink, recent, lambda b: score[b].item())
+            if key_norms is not None:
+                _admit(kept_norm, qb, budget, sink, recent, lambda b: -key_norms[b].item())
         row = S[t]
         score += row  # H2O accumulates every query's attention per block
         if t < start:
             continue
         out["stream"].append(row[stream_kept(qb, budget, sink)].sum().item() / per_row)
         out["h2o"].append(row[kept].sum().item() / per_row)
+        if key_norms is not None:
+            out["knorm"].append(row[kept_norm].sum().item() / per_row)
         k = min(budget, qb + 1)
         out["oracle"].append(row[: qb + 1].topk(k).values.sum().item() / per_row)
     return {name: sum(v) / len(v) for name, v in out.items()}
@@ -110,22 +140,30 @@ def main() -> None:
     sums: dict[int, dict[str, float]] = {}
     for w in track(range(args.windows), description="windows"):
         x = torch.tensor([ids[w * args.ctx:(w + 1) * args.ctx]])
-        with torch.no_grad():
-            att = model(x, output_attentions=True).attentions
+        keys = []
+        hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, o: keys.append(o))
+                 for layer in model.model.layers]
+        try:
+            with torch.no_grad():
+                att = model(x, output_attentions=True).attentions
+        finally:
+            for h in hooks:
+                h.remove()
         S = block_scores(att, bs)
-        del att
+        norms = block_key_norms(keys, cfg.num_key_value_heads, bs)
+        del att, keys
         for budget in args.budget:
-            r = retained(S, bs, budget // bs, args.sink // bs, per_row, start=budget)
+            r = retained(S, bs, budget // bs, args.sink // bs, per_row, start=budget, key_norms=norms)
             for k, v in r.items():
                 sums.setdefault(budget, {}).setdefault(k, 0.0)
                 sums[budget][k] += v / args.windows
     table = Table(title=f"attention kept per query, mean over layers, heads and queries past the budget "
                         f"({args.windows} windows of {args.ctx}, blocks of {bs}, sink {args.sink})")
-    for col in ("budget (tokens)", "stream", "h2o", "oracle (per query)"):
+    for col in ("budget (tokens)", "stream", "h2o", "knorm", "oracle (per query)"):
         table.add_column(col, justify="right")
     for budget in args.budget:
         r = sums[budget]
-        table.add_row(str(budget), f"{r['stream']:.2%}", f"{r['h2o']:.2%}", f"{r['oracle']:.2%}")
+        table.add_row(str(budget), *(f"{r[k]:.2%}" for k in ("stream", "h2o", "knorm", "oracle")))
     Console().print(table)
 
 

@@ -58,3 +58,27 @@ def test_policies_on_synthetic_attention(headroom):
     r = headroom.retained(headroom.block_scores(hh, 4), 4, budget=8, sink=1, per_row=6, start=80)
     assert r["h2o"] > r["stream"] + 0.3
     assert r["oracle"] >= r["h2o"] - 1e-12
+
+
+def test_key_norms_per_block_match_float64(headroom):
+    g = torch.Generator().manual_seed(1)
+    keys = [torch.randn(1, 10, 2 * 8, generator=g) * (i + 1) for i in range(3)]  # 3 layers, 2 KV heads of 8
+    got = headroom.block_key_norms(keys, num_kv_heads=2, block_size=4)  # blocks of 4, 4 and 2 tokens
+    per_token = torch.zeros(10, dtype=torch.float64)
+    for k in keys:
+        n = torch.stack([k[0, :, h * 8:(h + 1) * 8].double().pow(2).sum(-1).sqrt() for h in range(2)], -1)
+        per_token += (n / n.mean()).mean(-1)  # the layer's scale (x1, x2, x3) divides out
+    want = torch.stack([per_token[0:4].mean(), per_token[4:8].mean(), per_token[8:10].mean()])
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_knorm_keeps_the_low_norm_blocks(headroom):
+    hh = causal_attention(2, 3, 96, boost={p: 6.0 for p in range(40, 44)})
+    S = headroom.block_scores(hh, 4)
+    norms = torch.ones(24, dtype=torch.float64)
+    norms[10] = 0.1  # the heavy hitter's block has the smallest keys
+    r = headroom.retained(S, 4, budget=8, sink=1, per_row=6, start=80, key_norms=norms)
+    assert r["knorm"] > r["stream"] + 0.3
+    norms[10] = 5.0  # now the largest: the first to go
+    r = headroom.retained(S, 4, budget=8, sink=1, per_row=6, start=80, key_norms=norms)
+    assert r["knorm"] < r["h2o"] - 0.3
