@@ -148,6 +148,23 @@ class Fp8Codec(TokenwiseCodec):
 
 # -- KIVI -------------------------------------------------------------------------------------------
 
+_CONSTANTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _constant(name: str, device: torch.device, make) -> torch.Tensor:
+    """A constant tensor on `device`, made once. Made per call, each is an extra op, and on CUDA a
+    table like S8_TABLE would be a blocking host-to-device copy, several per layer and step."""
+    t = _CONSTANTS.get((name, device))
+    if t is None:
+        t = _CONSTANTS[(name, device)] = make().to(device)
+    return t
+
+
+def _shifts3(device: torch.device) -> torch.Tensor:
+    """The bit offsets of eight 3-bit codes in a 24-bit word."""
+    return _constant("shifts3", device, lambda: torch.arange(0, 24, 3, dtype=torch.int32))
+
+
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., D] in [0, 2^bits) -> [..., D * bits / 8], code i of a byte at bit bits*i.
     3-bit codes go eight to three bytes (a 24-bit word, little-endian)."""
@@ -155,8 +172,9 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
         return q
     if bits == 3:
         q = q.view(*q.shape[:-1], -1, 8).to(torch.int32)
-        word = (q << torch.arange(0, 24, 3, dtype=torch.int32, device=q.device)).sum(-1, keepdim=True)
-        return (word >> torch.tensor([0, 8, 16], dtype=torch.int32, device=q.device) & 255).to(torch.uint8).flatten(-2)
+        word = (q << _shifts3(q.device)).sum(-1, keepdim=True)
+        bytes3 = _constant("bytes3", q.device, lambda: torch.tensor([0, 8, 16], dtype=torch.int32))
+        return (word >> bytes3 & 255).to(torch.uint8).flatten(-2)
     per = 8 // bits
     q = q.view(*q.shape[:-1], -1, per)
     out = q[..., 0].clone()
@@ -171,8 +189,8 @@ def unpack_codes(p: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 3:
         b = p.view(*p.shape[:-1], -1, 3).to(torch.int32)
         word = b[..., 0:1] | b[..., 1:2] << 8 | b[..., 2:3] << 16
-        return (word >> torch.arange(0, 24, 3, dtype=torch.int32, device=p.device) & 7).to(torch.uint8).flatten(-2)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=p.device)
+        return (word >> _shifts3(p.device) & 7).to(torch.uint8).flatten(-2)
+    shifts = _constant(f"shifts{bits}", p.device, lambda: torch.arange(0, 8, bits, dtype=torch.uint8))
     return ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
 
 
@@ -234,8 +252,8 @@ def asym_quantize8(x: torch.Tensor, dim: int, bits: int):
     lo, hi = x.amin(dim, keepdim=True).double(), x.amax(dim, keepdim=True).double()
     need = torch.maximum(torch.maximum((hi - lo) / qmax, -lo / (128 * zunit)),
                          torch.maximum(lo / (127 * zunit), torch.full_like(lo, S8_MIN)))
-    table = S8_TABLE.to(x.device)
-    sc = torch.searchsorted(table.double(), need).clamp_(max=255)
+    table = _constant("s8", x.device, lambda: S8_TABLE)
+    sc = torch.searchsorted(_constant("s8 float64", x.device, lambda: S8_TABLE.double()), need).clamp_(max=255)
     s = table[sc]
     z = torch.round(lo / (s.double() * zunit)).clamp_(-128, 127)
     q = torch.round((x - z.float() * (s * zunit)) / s).clamp_(0, qmax).to(torch.uint8)
@@ -246,7 +264,7 @@ def dequant_scale_zero(s: torch.Tensor, z: torch.Tensor, bits: int) -> tuple[tor
     """Stored (scale, zero) -> float32 (s, z) with x_hat = code * s + z: fp16 pairs as they are,
     8-bit ones (uint8 scale code, int8 zero in units of s8_zero_unit(bits) scales) through S8_TABLE."""
     if s.dtype == torch.uint8:
-        sf = S8_TABLE.to(s.device)[s.long()]
+        sf = _constant("s8", s.device, lambda: S8_TABLE)[s.long()]
         return sf, z.float() * (sf * s8_zero_unit(bits))
     return s.float(), z.float()
 

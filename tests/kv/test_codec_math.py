@@ -301,3 +301,19 @@ def test_kivi_residual_is_bf16_under_float32_compute():
     assert kh.dtype == torch.float32
     assert torch.equal(kh[0, :5], k.bfloat16().float()) and torch.equal(vh[0, :5], v.bfloat16().float())
     assert not torch.equal(kh[0, :5], k)
+
+
+def test_device_constants_are_made_once_and_equal_the_tables():
+    """The torch path's constant tables (S8 scales, 3-bit shifts) are cached per device: a fresh
+    tensor per call was an extra op, and on CUDA a blocking host-to-device copy per layer."""
+    from leanlm.kv import quantized as qz
+
+    cpu = torch.device("cpu")
+    a = qz._constant("s8", cpu, lambda: qz.S8_TABLE)
+    assert qz._constant("s8", cpu, lambda: qz.S8_TABLE * 2) is a  # made once: the second maker is not called
+    assert torch.equal(a, qz.S8_TABLE)
+    assert torch.equal(qz._shifts3(cpu), torch.arange(0, 24, 3, dtype=torch.int32))
+    q = torch.randint(0, 8, (5, 16), dtype=torch.uint8)
+    assert torch.equal(qz.unpack_codes(qz.pack_codes(q, 3), 3), q)
+    q2 = torch.randint(0, 4, (5, 16), dtype=torch.uint8)
+    assert torch.equal(qz.unpack_codes(qz.pack_codes(q2, 2), 2), q2)
