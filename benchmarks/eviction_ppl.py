@@ -94,9 +94,9 @@ def window_nll(model, ids: torch.Tensor, policy: str, budget: int, sink: int, bs
                     lm[0] += n.sum().item()
                     lm[1] += n.numel()
                     per_token += (n / (lm[0] / lm[1])).mean(-1)
-                for i in range(q):
-                    ev.score[(c0 + i) // bs] += per_token[i]
-                    ev.count[(c0 + i) // bs] += 1
+                blocks = torch.arange(c0, kv) // bs
+                ev.score.index_add_(0, blocks, per_token)
+                ev.count.index_add_(0, blocks, torch.ones_like(per_token))
             ev.admit(c0 // bs, nb)
     finally:
         for h in hooks:

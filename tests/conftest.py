@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,17 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_atte
 
 
 def load_benchmark(name: str):
-    """benchmarks/NAME.py as a module (the benchmark scripts are not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    """benchmarks/NAME.py as a module. The scripts are not a package: they import each other by
+    bare name (`from _timing import ...`), as when run from that folder, so it is on sys.path while
+    the module loads."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
     return module
 
 

@@ -160,6 +160,11 @@ def _constant(name: str, device: torch.device, make) -> torch.Tensor:
     return t
 
 
+def _s8(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """S8_TABLE on `device` (float64 for the scale search's comparisons)."""
+    return _constant(f"s8 {dtype}", device, lambda: S8_TABLE.to(dtype))
+
+
 def _shifts3(device: torch.device) -> torch.Tensor:
     """The bit offsets of eight 3-bit codes in a 24-bit word."""
     return _constant("shifts3", device, lambda: torch.arange(0, 24, 3, dtype=torch.int32))
@@ -252,8 +257,8 @@ def asym_quantize8(x: torch.Tensor, dim: int, bits: int):
     lo, hi = x.amin(dim, keepdim=True).double(), x.amax(dim, keepdim=True).double()
     need = torch.maximum(torch.maximum((hi - lo) / qmax, -lo / (128 * zunit)),
                          torch.maximum(lo / (127 * zunit), torch.full_like(lo, S8_MIN)))
-    table = _constant("s8", x.device, lambda: S8_TABLE)
-    sc = torch.searchsorted(_constant("s8 float64", x.device, lambda: S8_TABLE.double()), need).clamp_(max=255)
+    table = _s8(x.device)
+    sc = torch.searchsorted(_s8(x.device, torch.float64), need).clamp_(max=255)
     s = table[sc]
     z = torch.round(lo / (s.double() * zunit)).clamp_(-128, 127)
     q = torch.round((x - z.float() * (s * zunit)) / s).clamp_(0, qmax).to(torch.uint8)
@@ -264,7 +269,7 @@ def dequant_scale_zero(s: torch.Tensor, z: torch.Tensor, bits: int) -> tuple[tor
     """Stored (scale, zero) -> float32 (s, z) with x_hat = code * s + z: fp16 pairs as they are,
     8-bit ones (uint8 scale code, int8 zero in units of s8_zero_unit(bits) scales) through S8_TABLE."""
     if s.dtype == torch.uint8:
-        sf = _constant("s8", s.device, lambda: S8_TABLE)[s.long()]
+        sf = _s8(s.device)[s.long()]
         return sf, z.float() * (sf * s8_zero_unit(bits))
     return s.float(), z.float()
 

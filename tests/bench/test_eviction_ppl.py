@@ -2,9 +2,6 @@
 plain forward pass; under a tight budget each policy hides blocks, and which ones is its own."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,11 +10,7 @@ from tests.conftest import load_benchmark, save_tiny_model
 
 @pytest.fixture(scope="module")
 def evppl():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # it imports eviction_headroom
-    try:
-        yield load_benchmark("eviction_ppl")
-    finally:
-        sys.path.pop(0)
+    return load_benchmark("eviction_ppl")
 
 
 @pytest.fixture(scope="module")
