@@ -12,6 +12,7 @@ turn see the same machine state, so their ratio holds even when the absolute tim
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -88,6 +89,10 @@ def measure(configs: list[tuple[str, int]], context: int, steps: int, model: str
         results.append({"kv": e["kv"], "batch": e["batch"], "steps": len(e["step"]), "step_ms": step,
                         "executor_ms": ex, "outside_ms": step - ex, "tok_s": e["batch"] / step * 1e3,
                         "token_ids": [e["outputs"][i] for i in e["ids"]]})
+    # the engines hold reference cycles (and native descriptors): free them now, not at some later
+    # collection inside whatever the caller times next
+    del engines, e
+    gc.collect()
     return results
 
 
