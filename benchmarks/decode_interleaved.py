@@ -32,6 +32,11 @@ def parse_config(text: str) -> tuple[str, int]:
     return kv, int(batch)
 
 
+def prompts(batch: int, context: int, vocab: int) -> list[list[int]]:
+    """The token ids of each configuration's B prompts (distinct per sequence, within the vocabulary)."""
+    return [[(1000 + 7 * i + j) % vocab for j in range(context)] for i in range(batch)]
+
+
 class _ExecutorClock:
     """Time inside NativeLayers.run during one engine step (0 when the executor did not run)."""
 
@@ -65,10 +70,9 @@ def measure(configs: list[tuple[str, int]], context: int, steps: int, model: str
     engines = []
     for kv, batch in configs:
         llm = LLM(model, dtype="float32", kv=kv, enable_prefix_caching=False, max_num_seqs=batch)
-        vocab = llm.engine.runner.model.cfg.vocab_size
-        prompts = [[(1000 + 7 * i + j) % vocab for j in range(context)] for i in range(batch)]
-        ids = [llm.engine.add_request(None, p, SamplingParams(temperature=0, max_tokens=steps + 1,
-                                                                ignore_eos=True)) for p in prompts]
+        params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+        ids = [llm.engine.add_request(None, p, params)
+               for p in prompts(batch, context, llm.engine.runner.model.cfg.vocab_size)]
         engines.append({"kv": kv, "batch": batch, "llm": llm, "ids": ids, "outputs": {},
                         "step": [], "executor": []})
     for e in engines:  # prefill (a step per sequence or chunk) until every sequence has its first token
@@ -108,13 +112,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="decode steps per configuration")
     ap.add_argument("--model", default=None, help="HF checkpoint dir or .gguf (default: the embedded model)")
     args = ap.parse_args()
-    try:
-        configs = [parse_config(c) for c in args.configs]
+    try:  # a bad KV@B, size or KV spec: a usage error naming the value
+        results = measure([parse_config(c) for c in args.configs], args.context, args.steps, args.model)
     except ValueError as e:
         ap.error(str(e))
-    if args.context < 1 or args.steps < 1:
-        ap.error(f"--context and --steps must be >= 1, got {args.context} and {args.steps}")
-    results = measure(configs, args.context, args.steps, args.model)
     base = results[0]["tok_s"]
     table = Table(title=f"decode steps taken in turn, {args.context}-token prompts, {args.steps} steps "
                         "each, float32 (medians)")

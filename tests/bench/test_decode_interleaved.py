@@ -36,8 +36,7 @@ def test_interleaved_engines_generate_what_they_generate_alone(script, tiny_mode
         assert [len(t) for t in r["token_ids"]] == [steps + 1] * r["batch"]
         # the same prompts through a fresh engine, alone: interleaving changed nothing
         llm = LLM(model, dtype="float32", kv=r["kv"], enable_prefix_caching=False, max_num_seqs=r["batch"])
-        vocab = llm.engine.runner.model.cfg.vocab_size
-        prompts = [[(1000 + 7 * i + j) % vocab for j in range(context)] for i in range(r["batch"])]
+        prompts = script.prompts(r["batch"], context, llm.engine.runner.model.cfg.vocab_size)
         alone = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
         assert [list(o.outputs[0].token_ids) for o in alone] == r["token_ids"]
     del llm
