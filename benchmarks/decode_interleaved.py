@@ -61,7 +61,8 @@ class _ExecutorClock:
         native_layers.NativeLayers.run = self._real
 
 
-def measure(configs: list[tuple[str, int]], context: int, steps: int, model: str | None = None) -> list[dict]:
+def measure(configs: list[tuple[str, int]], context: int, steps: int, model: str | None = None,
+            device: str = "cpu") -> list[dict]:
     """Build one engine per (kv, batch), prefill each, then `steps` decode steps per engine taken
     in turn. Returns per configuration: kv, batch, medians (step_ms, executor_ms, outside_ms),
     tok_s, and the generated token ids of each sequence (greedy)."""
@@ -69,7 +70,7 @@ def measure(configs: list[tuple[str, int]], context: int, steps: int, model: str
         raise ValueError(f"context and steps must be >= 1, got {context} and {steps}")
     engines = []
     for kv, batch in configs:
-        llm = LLM(model, dtype="float32", kv=kv, enable_prefix_caching=False, max_num_seqs=batch)
+        llm = LLM(model, dtype="float32", kv=kv, enable_prefix_caching=False, max_num_seqs=batch, device=device)
         params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
         ids = [llm.engine.add_request(None, p, params)
                for p in prompts(batch, context, llm.engine.runner.model.cfg.vocab_size)]
@@ -111,9 +112,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=600, help="prompt tokens per sequence")
     ap.add_argument("--steps", type=int, default=100, help="decode steps per configuration")
     ap.add_argument("--model", default=None, help="HF checkpoint dir or .gguf (default: the embedded model)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (each step ends with the sampled tokens "
+                    "on the host, so its time includes the GPU's work)")
     args = ap.parse_args()
     try:  # a bad KV@B, size or KV spec: a usage error naming the value
-        results = measure([parse_config(c) for c in args.configs], args.context, args.steps, args.model)
+        results = measure([parse_config(c) for c in args.configs], args.context, args.steps, args.model,
+                          args.device)
     except ValueError as e:
         ap.error(str(e))
     base = results[0]["tok_s"]

@@ -12,6 +12,11 @@ import torch
 # Keep tests on the machine's 2 cores without oversubscription, and never touch a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Triton decides between compiling and interpreting (TRITON_INTERPRET) when it is first imported,
+# and torch may import it in any earlier test: without a GPU, choose the interpreter now (the
+# KIVI Triton kernels' tests, tests/kv/test_kivi_triton.py, run on CPU tensors through it)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

@@ -68,6 +68,7 @@ from __future__ import annotations
 import torch
 
 from leanlm.kv import kmix
+from leanlm.kv.cache import decode_attention as cache_decode_attention
 from leanlm.kv.codecs import KVCodec
 from leanlm.models.layers import RotaryEmbedding
 
@@ -564,11 +565,15 @@ class KiviCodec(KVCodec):
         # values (and, with ktok, keys): per token over channel groups, quantized as they arrive;
         # float32 on the CPU through the C quantizer the native executor uses (the same codes as
         # _write_tokens, tested), so a token's codes do not depend on which path its step took
-        from leanlm.native import kivi as native_kivi  # (it imports this module)
+        from leanlm.kv import kivi_triton  # (both import this module)
+        from leanlm.native import kivi as native_kivi
 
         vf = v.float()
         if native_kivi.native_f32(vf):
             native_kivi.quant_values(self, layer, vf, slots)
+        elif (kivi_triton.supports(self, v.device) and not torch.compiler.is_compiling()
+              and kivi_triton.quant_values(self, layer, vf, slots)):
+            pass  # one kernel launch instead of ~30 torch ops (a GPU)
         else:
             self._write_tokens(v, slots, self.vbits, self.vc[layer], self.vs[layer], self.vz[layer])
         if self.ktoken:
@@ -628,10 +633,16 @@ class KiviCodec(KVCodec):
         v = self._read_tokens(rows, self.vbits, self.vc[layer], self.vs[layer], self.vz[layer])
         k, v = k.to(self.dtype), v.to(self.dtype)
         res = self.res_row.index_select(0, rows)
-        partial = (res >= 0).nonzero().squeeze(1)
-        if partial.numel():  # blocks still filling: their full-precision residual
-            k[partial] = self.rk[layer].index_select(0, res[partial]).to(self.dtype)
-            v[partial] = self.rv[layer].index_select(0, res[partial]).to(self.dtype)
+        if rows.device.type == "cpu":  # only the blocks still filling: their full-precision residual
+            partial = (res >= 0).nonzero().squeeze(1)
+            if partial.numel():
+                k[partial] = self.rk[layer].index_select(0, res[partial]).to(self.dtype)
+                v[partial] = self.rv[layer].index_select(0, res[partial]).to(self.dtype)
+        else:  # on a GPU nonzero() waits for the device (30 stalls a step): select instead
+            filling = (res >= 0).view(-1, 1, 1, 1)
+            row = res.clamp(min=0)
+            k = torch.where(filling, self.rk[layer].index_select(0, row).to(self.dtype), k)
+            v = torch.where(filling, self.rv[layer].index_select(0, row).to(self.dtype), v)
         k = k.view(B, nblk * bs, H, D)
         if self.rope_keys:  # every row starts at position 0 of its sequence
             k = self._rope(k)
@@ -655,7 +666,26 @@ class KiviCodec(KVCodec):
         ktok, a GPU), and the cache then dequantizes through read_blocks."""
         from leanlm.native.kivi import decode_attention
 
-        return decode_attention(self, layer, q, block_tables, lens)
+        out = decode_attention(self, layer, q, block_tables, lens)
+        if out is not None or self.ktoken:
+            return out
+        from leanlm.kv import kivi_triton
+
+        if kivi_triton.supports(self, q.device) and not torch.compiler.is_compiling():
+            return kivi_triton.decode_attention(self, layer, q, block_tables, lens)
+        return self._decode_attention_torch(layer, q, block_tables, lens)
+
+    def _decode_attention_torch(self, layer, q, block_tables, lens):
+        """decode_attention without the native kernel (a GPU, no compiler): every row dequantized
+        through read_blocks and one masked attention over all rows. The paged cache would otherwise
+        take one read and attention per distinct length; on a GPU, where each op is a launch, the
+        op count of a step grew with the batch (4,868 aten ops at B = 4 against bf16's 1,278)."""
+        kept = block_tables >= 0  # stream eviction marks dropped blocks -1 (read block 0, masked)
+        keys, values = self.read_blocks(layer, block_tables.clamp(min=0))
+        n = keys.shape[1]
+        mask = ((torch.arange(n, device=q.device) < lens.to(q.device).unsqueeze(1))
+                & kept.repeat_interleave(self.block_size, dim=1)).view(-1, 1, 1, n)
+        return cache_decode_attention(q, keys.transpose(1, 2), values.transpose(1, 2), mask)
 
     def read_slots(self, layer, first_slot, length):
         bs = self.block_size  # adjacent blocks start at a block boundary
