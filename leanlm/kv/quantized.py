@@ -672,7 +672,9 @@ class KiviCodec(KVCodec):
         from leanlm.kv import kivi_triton
 
         if kivi_triton.supports(self, q.device) and not torch.compiler.is_compiling():
-            return kivi_triton.decode_attention(self, layer, q, block_tables, lens)
+            out = kivi_triton.decode_attention(self, layer, q, block_tables, lens)
+            if out is not None:
+                return out
         return self._decode_attention_torch(layer, q, block_tables, lens)
 
     def _decode_attention_torch(self, layer, q, block_tables, lens):

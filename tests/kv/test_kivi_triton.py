@@ -165,3 +165,29 @@ def test_engine_with_kernels_equals_the_torch_path(kernels, tiny_model_dir, monk
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             for t in lb:
                 assert abs(la[t].logprob - lb[t].logprob) < 1e-4, (kv, t)
+
+
+def test_a_kernel_that_fails_leaves_kivi_to_torch(kernels, tiny_model_dir, monkeypatch):
+    """A launch that raises (triton unable to compile for this GPU, say) warns once and hands
+    every later step to the torch path, whose outputs the engine then gives."""
+    path = str(tiny_model_dir("llama"))
+    kv = "kivi:4:g16:v3:c16:s8:prerope:rotate"
+    ref, _ = _generate(path, kv, monkeypatch, False)
+
+    class Broken:
+        def __getitem__(self, grid):
+            raise RuntimeError("no compiler for this GPU")
+
+    launches = []
+
+    def broken_kernels():
+        launches.append(1)
+        return type("K", (), {"attention": Broken(), "quantize": Broken()})
+
+    monkeypatch.setattr(kivi_triton, "_kernels", broken_kernels)
+    monkeypatch.setattr(kivi_triton, "_failure", None)
+    with pytest.warns(RuntimeWarning, match="no compiler for this GPU"):
+        ours, _ = _generate(path, kv, monkeypatch, True)
+    assert len(launches) == 1 and "no compiler" in kivi_triton._failure  # tried once, then left alone
+    for a, b in zip(ours, ref):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
