@@ -14,7 +14,6 @@ import gc
 import pstats
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from decode_interleaved import parse_config, prompts

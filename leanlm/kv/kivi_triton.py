@@ -71,10 +71,8 @@ def supports(codec, device: torch.device | None = None) -> bool:
     keys without norms or mixed widths, power-of-two block, head and group sizes."""
     device = device or codec.device
     if (not (device.type == "cuda" or device.type == "cpu" and INTERPRET_ON_CPU) or _failure is not None
-            or not _have_triton()):
+            or not _have_triton() or torch.compiler.is_compiling()):
         return False
-    if os.environ.get("LEANLM_TRITON", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False  # the torch path, for comparisons
     fits = codec.__dict__.get("_triton_fits")
     if fits is None:  # (asked twice per layer and step: decided once per codec)
         fits = codec._triton_fits = _fits(codec)
@@ -82,6 +80,8 @@ def supports(codec, device: torch.device | None = None) -> bool:
 
 
 def _fits(codec) -> bool:
+    if os.environ.get("LEANLM_TRITON", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False  # the torch path, for comparisons
     D, bs = codec.head_dim, codec.block_size
     return (not codec.ktoken and not codec.knorm and codec.key_plan is None and _pow2(D) and D >= 16
             and _pow2(bs) and bs >= 16 and codec.bits in (2, 3, 4, 8) and codec.vbits in (2, 3, 4, 8)

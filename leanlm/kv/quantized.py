@@ -571,10 +571,7 @@ class KiviCodec(KVCodec):
         vf = v.float()
         if native_kivi.native_f32(vf):
             native_kivi.quant_values(self, layer, vf, slots)
-        elif (kivi_triton.supports(self, v.device) and not torch.compiler.is_compiling()
-              and kivi_triton.quant_values(self, layer, vf, slots)):
-            pass  # one kernel launch instead of ~30 torch ops (a GPU)
-        else:
+        elif not (kivi_triton.supports(self, v.device) and kivi_triton.quant_values(self, layer, vf, slots)):
             self._write_tokens(v, slots, self.vbits, self.vc[layer], self.vs[layer], self.vz[layer])
         if self.ktoken:
             self._write_tokens(k, slots, self.bits, self.kc[layer], self.ks[layer], self.kz[layer])
@@ -661,21 +658,16 @@ class KiviCodec(KVCodec):
     fused_decode = True
 
     def decode_attention(self, layer, q, block_tables, lens):
-        """One query per sequence attending to its blocks straight from the codes (the native
-        kernel in leanlm/native/kivi_attention.c); None where it does not apply (no compiler,
-        ktok, a GPU), and the cache then dequantizes through read_blocks."""
+        """One query per sequence attending to its blocks straight from the codes: the native
+        kernel (leanlm/native/kivi_attention.c) on a CPU, the Triton one (kv/kivi_triton.py) on a
+        GPU, else all rows dequantized through read_blocks in one masked attention."""
+        from leanlm.kv import kivi_triton
         from leanlm.native.kivi import decode_attention
 
         out = decode_attention(self, layer, q, block_tables, lens)
-        if out is not None or self.ktoken:
-            return out
-        from leanlm.kv import kivi_triton
-
-        if kivi_triton.supports(self, q.device) and not torch.compiler.is_compiling():
+        if out is None and kivi_triton.supports(self, q.device):
             out = kivi_triton.decode_attention(self, layer, q, block_tables, lens)
-            if out is not None:
-                return out
-        return self._decode_attention_torch(layer, q, block_tables, lens)
+        return out if out is not None else self._decode_attention_torch(layer, q, block_tables, lens)
 
     def _decode_attention_torch(self, layer, q, block_tables, lens):
         """decode_attention without the native kernel (a GPU, no compiler): every row dequantized
